@@ -1,0 +1,173 @@
+"""The outbox's configuration: one validated, immutable object.
+
+The options and defaults follow the TypeScript ``outbox-event-bus`` DynamoDB
+adapter (batch size 50, poll interval 1 s, processing timeout 30 s, five
+retries, 1 s base backoff, 30 s error backoff), in milliseconds as there, plus
+what a Python service needs: the table, the endpoint, a backoff cap and what
+to do with completed events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from celery_outbox.errors import ConfigError
+
+__all__ = ["Completion", "OutboxConfig"]
+
+DEFAULT_INDEX = "status-gsiSortKey-index"
+DAY_MS = 24 * 3600 * 1000
+
+
+class Completion(str, Enum):
+    """What happens to an event once its handler succeeded."""
+
+    DELETE = "delete"
+    """Delete the item (the least storage; nothing left to inspect)."""
+
+    KEEP = "keep"
+    """Keep it as ``completed`` with a TTL of ``retention_ms``."""
+
+
+def _ms(name: str, value: Any, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            name, f"expected a whole number of milliseconds, got {value!r}"
+        )
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxConfig:
+    """Settings for one outbox table. Every field is validated on creation.
+
+    Times are in milliseconds, as in DynamoDB's ``gsiSortKey``.
+    """
+
+    table_name: str = "outbox"
+    """The DynamoDB table holding the events."""
+
+    status_index_name: str = DEFAULT_INDEX
+    """The GSI on ``status`` (S) and ``gsiSortKey`` (N)."""
+
+    endpoint_url: str | None = None
+    """DynamoDB endpoint, e.g. ``http://127.0.0.1:8000`` for DynamoDB Local."""
+
+    region_name: str | None = None
+    """AWS region; botocore's usual lookup applies when left unset."""
+
+    batch_size: int = 50
+    """Events claimed per drain at most."""
+
+    max_query_pages: int = 5
+    """Pages of the status index a drain reads at most to fill a batch."""
+
+    poll_interval_ms: int = 1000
+    """How often beat runs the drain."""
+
+    processing_timeout_ms: int = 30_000
+    """The lease: how long a claimed event may run before it can be reclaimed."""
+
+    max_retries: int = 5
+    """Retries after the first attempt; the event is ``failed`` after that."""
+
+    base_backoff_ms: int = 1000
+    """Delay before the first retry; doubled for each further one."""
+
+    max_backoff_ms: int = 300_000
+    """Cap on the retry delay."""
+
+    max_error_backoff_ms: int = 30_000
+    """Cap on the pause between drains after DynamoDB errors."""
+
+    completion: Completion = Completion.DELETE
+    """Delete completed events, or keep them for ``retention_ms``."""
+
+    retention_ms: int = 7 * DAY_MS
+    """How long a kept completed event stays before its TTL removes it."""
+
+    max_error_chars: int = 500
+    """``lastError`` is cut to this many characters."""
+
+    handler_queue: str | None = None
+    """Queue for handler tasks that name none of their own."""
+
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Options that are not the outbox's own, kept for integrations."""
+
+    def __post_init__(self) -> None:
+        for name in ("table_name", "status_index_name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not 3 <= len(value) <= 255:
+                raise ConfigError(
+                    name, f"expected a DynamoDB name of 3-255 characters, got {value!r}"
+                )
+        for name in ("endpoint_url", "region_name", "handler_queue"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(name, f"expected a non-empty string, got {value!r}")
+        if self.endpoint_url and not self.endpoint_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                "endpoint_url",
+                f"expected an http:// or https:// URL, got {self.endpoint_url!r}",
+            )
+        _ms("batch_size", self.batch_size)
+        _ms("max_query_pages", self.max_query_pages)
+        _ms("poll_interval_ms", self.poll_interval_ms)
+        _ms("processing_timeout_ms", self.processing_timeout_ms)
+        _ms("max_retries", self.max_retries, minimum=0)
+        _ms("base_backoff_ms", self.base_backoff_ms)
+        _ms("max_backoff_ms", self.max_backoff_ms)
+        _ms("max_error_backoff_ms", self.max_error_backoff_ms)
+        _ms("retention_ms", self.retention_ms)
+        _ms("max_error_chars", self.max_error_chars, minimum=20)
+        if self.batch_size > 1000:
+            raise ConfigError("batch_size", f"must be at most 1000, got {self.batch_size}")
+        if self.base_backoff_ms > self.max_backoff_ms:
+            raise ConfigError(
+                "base_backoff_ms",
+                f"{self.base_backoff_ms} exceeds max_backoff_ms "
+                f"({self.max_backoff_ms}); the base cannot be above the cap",
+            )
+        if not isinstance(self.completion, Completion):
+            try:
+                object.__setattr__(self, "completion", Completion(self.completion))
+            except ValueError:
+                raise ConfigError(
+                    "completion",
+                    f"expected 'delete' or 'keep', got {self.completion!r}",
+                ) from None
+
+    @property
+    def retention_s(self) -> int:
+        """The retention in whole seconds, as DynamoDB's TTL wants it."""
+        return math.ceil(self.retention_ms / 1000)
+
+    def replace(self, **changes: Any) -> OutboxConfig:
+        """Return a copy with ``changes`` applied and validated."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The names of the outbox's own options."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> OutboxConfig:
+        """Build from a mapping, rejecting keys that name no option."""
+        names = set(cls.option_names())
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(
+                unknown[0],
+                f"unknown option; the options are: {', '.join(sorted(names))}",
+            )
+        return cls(**dict(values))

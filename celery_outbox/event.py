@@ -1,0 +1,275 @@
+"""Events, leases and their DynamoDB item layout.
+
+The layout is the one of the TypeScript ``outbox-event-bus`` DynamoDB adapter
+(``id``, ``type``, ``payload``, ``occurredAt``, ``status``, ``gsiSortKey``,
+``retryCount``, ``startedOn``, ``completedOn``, ``lastError``); what this
+library adds sits beside it under names of its own (``leaseToken``,
+``expiresAt``), so items stay readable by both.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from celery_outbox import payload as payloads
+from celery_outbox.errors import EventError, ItemTooLargeError
+
+__all__ = [
+    "Event",
+    "FailedEvent",
+    "Lease",
+    "Status",
+    "item_size",
+]
+
+# Attribute names. Several are DynamoDB reserved words, so expressions name
+# them through ``#placeholders`` only (see store.NAMES).
+ID = "id"
+TYPE = "type"
+PAYLOAD = "payload"
+OCCURRED_AT = "occurredAt"
+STATUS = "status"
+SORT_KEY = "gsiSortKey"
+RETRY_COUNT = "retryCount"
+STARTED_ON = "startedOn"
+COMPLETED_ON = "completedOn"
+LAST_ERROR = "lastError"
+LEASE_TOKEN = "leaseToken"
+EXPIRES_AT = "expiresAt"
+"""TTL attribute (epoch seconds) of completed events kept for inspection."""
+
+ITEM_LIMIT = 400 * 1024
+MAX_ID_BYTES = 1024
+MAX_TYPE_CHARS = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Status(str, Enum):
+    """The lifecycle states an event moves through."""
+
+    CREATED = "created"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+def now_iso() -> str:
+    """The current UTC time as the TypeScript adapter writes it."""
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """``moment`` as ISO-8601 UTC with milliseconds and ``Z``, like JS."""
+    if moment.tzinfo is None:
+        raise EventError(
+            f"occurred_at {moment!r} has no time zone; pass an aware datetime"
+        )
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _check_text(name: str, value: Any, *, max_bytes: int) -> str:
+    if not isinstance(value, str):
+        raise EventError(f"event {name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise EventError(f"event {name} must not be empty or blank")
+    if _CONTROL.search(value):
+        raise EventError(f"event {name} {value!r} contains control characters")
+    if len(value.encode("utf-8")) > max_bytes:
+        raise EventError(f"event {name} is longer than {max_bytes} bytes")
+    return value
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outbox event: what happened, as handlers receive it.
+
+    Build new events with :meth:`new`, which validates every field.
+    """
+
+    id: str
+    type: str
+    payload: Any
+    occurred_at: str
+    """ISO-8601 UTC timestamp, e.g. ``2026-12-03T13:51:00.123Z``."""
+
+    attempt: int = 1
+    """1 for the first attempt, 2 for the first retry, and so on."""
+
+    @classmethod
+    def new(
+        cls,
+        type: str,
+        payload: Any = None,
+        *,
+        id: str | None = None,
+        occurred_at: datetime | str | None = None,
+    ) -> Event:
+        """Validate and build an event; ``id`` defaults to a fresh UUID."""
+        _check_text("type", type, max_bytes=MAX_TYPE_CHARS)
+        event_id = str(uuid.uuid4()) if id is None else id
+        _check_text("id", event_id, max_bytes=MAX_ID_BYTES)
+        payloads.validate(payload)
+        if occurred_at is None:
+            when = now_iso()
+        elif isinstance(occurred_at, datetime):
+            when = iso(occurred_at)
+        elif isinstance(occurred_at, str):
+            try:
+                when = iso(datetime.fromisoformat(occurred_at))
+            except ValueError:
+                raise EventError(
+                    f"occurred_at {occurred_at!r} is not an ISO-8601 timestamp"
+                ) from None
+        else:
+            raise EventError(
+                f"occurred_at must be a datetime or ISO string, got {occurred_at!r}"
+            )
+        return cls(id=event_id, type=type, payload=payload, occurred_at=when)
+
+    def to_item(self, due_ms: int) -> dict[str, Any]:
+        """The typed DynamoDB item of this event, ``created`` and due at ``due_ms``."""
+        return {
+            ID: {"S": self.id},
+            TYPE: {"S": self.type},
+            PAYLOAD: payloads.to_dynamodb(self.payload),
+            OCCURRED_AT: {"S": self.occurred_at},
+            STATUS: {"S": Status.CREATED.value},
+            SORT_KEY: {"N": str(due_ms)},
+            RETRY_COUNT: {"N": "0"},
+        }
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> Event:
+        """Read an event from a typed item, ours or the TypeScript adapter's."""
+        raw = item.get(PAYLOAD)
+        return cls(
+            id=item[ID]["S"],
+            type=item.get(TYPE, {}).get("S", ""),
+            payload=None if raw is None else payloads.from_dynamodb(raw),
+            occurred_at=_occurred(item),
+            attempt=_int(item, RETRY_COUNT) + 1,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict, as sent to handler tasks."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "payload": self.payload,
+            "occurred_at": self.occurred_at,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        """The inverse of :meth:`as_dict`."""
+        return cls(
+            id=data["id"],
+            type=data["type"],
+            payload=data.get("payload"),
+            occurred_at=data.get("occurred_at", ""),
+            attempt=int(data.get("attempt", 1)),
+        )
+
+
+def _int(item: dict[str, Any], name: str, default: int = 0) -> int:
+    value = item.get(name)
+    return default if value is None else int(value["N"])
+
+
+def _occurred(item: dict[str, Any]) -> str:
+    value = item.get(OCCURRED_AT)
+    if value is None:
+        return ""
+    # The TypeScript adapter may store a string or epoch milliseconds.
+    if "N" in value:
+        moment = datetime.fromtimestamp(int(value["N"]) / 1000, UTC)
+        return iso(moment)
+    return str(value.get("S", ""))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed event: the right to run it until ``deadline_ms``.
+
+    Write-backs name ``token``; one from a lease that has since been
+    reclaimed matches nothing and changes nothing.
+    """
+
+    event: Event
+    token: str
+    deadline_ms: int
+    started_ms: int
+
+    @property
+    def retry_count(self) -> int:
+        """Failed attempts before this one."""
+        return self.event.attempt - 1
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """A ``failed`` event as operators see it."""
+
+    event: Event
+    retry_count: int
+    last_error: str
+    failed_ms: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        failed_at = datetime.fromtimestamp(self.failed_ms / 1000, UTC)
+        return {
+            **self.event.as_dict(),
+            "retry_count": self.retry_count,
+            "last_error": self.last_error,
+            "failed_at": iso(failed_at),
+        }
+
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> FailedEvent:
+        """Read a failed event from its typed item."""
+        return cls(
+            event=Event.from_item(item),
+            retry_count=_int(item, RETRY_COUNT),
+            last_error=item.get(LAST_ERROR, {}).get("S", ""),
+            failed_ms=_int(item, SORT_KEY),
+        )
+
+
+def item_size(item: dict[str, Any]) -> int:
+    """Estimate a typed item's size the way DynamoDB counts it.
+
+    Names and strings count their UTF-8 bytes, numbers about one byte per
+    two digits plus one, and each map or list three bytes plus one a member.
+    The estimate errs high, so a passing item is under the real limit.
+    """
+    return sum(len(name.encode("utf-8")) + _value_size(v) for name, v in item.items())
+
+
+def _value_size(value: dict[str, Any]) -> int:
+    (kind, inner), = value.items()
+    if kind == "S":
+        return len(inner.encode("utf-8"))
+    if kind == "N":
+        digits = len(inner.lstrip("-").replace(".", "").lstrip("0")) or 1
+        return (digits + 1) // 2 + 1
+    if kind == "B":
+        return len(inner)
+    if kind in ("BOOL", "NULL"):
+        return 1
+    if kind == "L":
+        return 3 + sum(1 + _value_size(v) for v in inner)
+    if kind == "M":
+        return 3 + sum(
+            1 + len(k.encode("utf-8")) + _value_size(v) for k, v in inner.items()
+        )
+    if kind in ("SS", "NS", "BS"):
+        return sum(_value_size({kind[0]: v}) for v in inner)
+    return len(str(inner))

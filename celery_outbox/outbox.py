@@ -1,0 +1,225 @@
+"""The outbox: emit events, register handlers, and drain into Celery.
+
+::
+
+    app = Celery("shop", broker="redis://127.0.0.1:6379/0")
+    app.conf.outbox_table_name = "shop-outbox"
+    outbox = Outbox(app)
+
+    @outbox.handler("order.created")
+    def send_confirmation(event):
+        ...
+
+    with outbox.transaction() as tx:
+        tx.put("orders", {"id": "o-1", "total": 30.4})
+        outbox.emit("order.created", {"order_id": "o-1"})
+
+``Outbox(app)`` registers the ``outbox_*`` settings' defaults, the
+``celery_outbox.drain`` task and its beat entry, and the management tasks.
+Without an app it is a producer only: emit and inspect, no handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from celery_outbox import collector as collectors
+from celery_outbox import settings
+from celery_outbox.config import OutboxConfig
+from celery_outbox.errors import EventError, HandlerError
+from celery_outbox.event import Event
+from celery_outbox.store import Clock, OutboxStore
+
+__all__ = ["Outbox"]
+
+logger = logging.getLogger("celery_outbox")
+
+DRAIN_TASK = "celery_outbox.drain"
+
+
+class Outbox:
+    """One outbox table, installed into a Celery app (or producer-only).
+
+    Args:
+        app: the Celery app to install into; None for a producer-only
+            outbox (emits and inspection, no tasks).
+        config: explicit settings; by default they are read from
+            ``app.conf`` (``outbox_*``), or the defaults without an app.
+        client: a boto3 DynamoDB client to use instead of making one.
+        clock: milliseconds since the epoch (tests and drills).
+        **options: outbox options that override the app's settings.
+    """
+
+    def __init__(
+        self,
+        app: Any = None,
+        *,
+        config: OutboxConfig | None = None,
+        client: Any = None,
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
+        self.app = app
+        if app is not None:
+            app.add_defaults(settings.defaults())
+        self._config = config
+        self._options = options
+        if config is not None and options:
+            self._config = config.replace(**options)
+        self._client = client
+        self._clock = clock
+        self._store: OutboxStore | None = None
+        self._store_pid = 0
+        self._lock = threading.Lock()
+        self.handlers: dict[str, Any] = {}
+        self.drain_task: Any = None
+        if app is not None:
+            from celery_outbox import tasks
+
+            tasks.install(self)
+
+    def __repr__(self) -> str:
+        return f"<Outbox table={self.config.table_name!r} handlers={sorted(self.handlers)}>"
+
+    # -- configuration and store -------------------------------------------
+
+    @property
+    def config(self) -> OutboxConfig:
+        """The validated settings (read from the app once, when first used)."""
+        if self._config is None:
+            if self.app is None:
+                self._config = OutboxConfig(**self._options)
+            else:
+                self._config = settings.config_from_app(self.app, **self._options)
+        return self._config
+
+    @property
+    def store(self) -> OutboxStore:
+        """The DynamoDB store, made once per process.
+
+        boto3 clients must not cross a ``fork``; a prefork worker child gets
+        its own on first use.
+        """
+        pid = os.getpid()
+        if self._store is None or self._store_pid != pid:
+            with self._lock:
+                if self._store is None or self._store_pid != pid:
+                    client = self._client if self._store_pid in (0, pid) else None
+                    self._store = OutboxStore(self.config, client=client, clock=self._clock)
+                    self._store_pid = pid
+        return self._store
+
+    # -- emit ----------------------------------------------------------------
+
+    def emit(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        id: str | None = None,
+        occurred_at: datetime | str | None = None,
+        collector: list[dict[str, Any]] | None = None,
+    ) -> Event:
+        """Emit one event: write it now, or append it to a collector.
+
+        The collector is ``collector`` when given, else the one bound by
+        :meth:`collecting` or :meth:`transaction`, else the event is written
+        at once. Returns the event (with its generated id).
+
+        Raises:
+            EventError: the type, id, time or payload is invalid.
+            CollectorError: the collector cannot take the event.
+            EventExistsError: the id is already stored (direct writes).
+        """
+        event = Event.new(type, payload, id=id, occurred_at=occurred_at)
+        self.publish([event], collector=collector)
+        return event
+
+    def publish(
+        self,
+        events: Sequence[Event],
+        *,
+        collector: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Emit several events at once, all or none (at most 100).
+
+        Build them with :meth:`Event.new`. Without a collector they are
+        written in one request; with one they are appended to it.
+        """
+        events = list(events)
+        for event in events:
+            if not isinstance(event, Event):
+                raise EventError(
+                    f"publish takes Event objects (see Event.new), got "
+                    f"{type(event).__name__}"
+                )
+        target = collector if collector is not None else collectors.current()
+        if target is None:
+            self.store.publish(events)
+            return
+        actions = [self.store.put_action(e) for e in events]
+        collectors.append(target, actions)
+
+    @contextlib.contextmanager
+    def collecting(
+        self, collector: list[dict[str, Any]] | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Bind a collector: emits in this block append to it (see collector)."""
+        with collectors.collecting(collector) as bound:
+            yield bound
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[collectors.Transaction]:
+        """Collect business actions and events; commit them as one transaction.
+
+        The commit happens when the block exits normally; an exception
+        inside the block writes nothing.
+
+        Raises:
+            EventExistsError: an emitted id already exists; nothing written.
+            StoreError: DynamoDB cancelled the transaction (a condition of
+                one of the caller's actions, say); nothing written.
+        """
+        tx = collectors.Transaction()
+        with collectors.collecting(tx.actions):
+            yield tx
+        self.store.commit(tx.actions)
+
+    # -- handlers ------------------------------------------------------------
+
+    def handler(self, event_type: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Register the decorated function as the Celery task for ``event_type``.
+
+        ``options`` are Celery task options (``bind``, ``queue``,
+        ``time_limit``...) with their usual meaning. The function receives an
+        :class:`Event` (after ``self`` with ``bind=True``). The task's name
+        defaults to Celery's usual name for the function.
+        """
+        if self.app is None:
+            raise HandlerError("a producer-only outbox has no handlers; pass a Celery app")
+        Event.new(event_type)  # validates the type the way emits do
+        if event_type in self.handlers:
+            raise HandlerError(
+                f"event type {event_type!r} already has the handler "
+                f"{self.handlers[event_type].name!r}"
+            )
+        from celery_outbox import tasks
+
+        def decorate(fn: Callable[..., Any]) -> Any:
+            task = tasks.register_handler(self, event_type, fn, options)
+            self.handlers[event_type] = task
+            return task
+
+        return decorate
+
+    def drain(self) -> dict[str, int]:
+        """Claim due events and dispatch one handler task each (the beat task)."""
+        from celery_outbox import tasks
+
+        return tasks.drain(self)

@@ -1,0 +1,133 @@
+"""Payloads: JSON-compatible values stored as native DynamoDB values.
+
+A payload is whatever ``json.dumps`` would accept without a custom encoder,
+minus the values JSON cannot carry faithfully (NaN, infinities) and those it
+would silently change (tuples, non-string keys). It is stored as a DynamoDB
+value (a map, list, number...) rather than a JSON string, as the TypeScript
+adapter does, so both libraries read each other's events.
+
+boto3's ``TypeSerializer`` and ``TypeDeserializer`` do the marshalling. The
+only conversions of our own are at the number boundary: floats go in as the
+``Decimal`` of their shortest repr, and come out as ``int`` when integral and
+``float`` otherwise. Like JSON, DynamoDB does not tell ``3.0`` from ``3``, so
+an integral float comes back as an int.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import (
+    DYNAMODB_CONTEXT,
+    TypeDeserializer,
+    TypeSerializer,
+)
+
+from celery_outbox.errors import PayloadError
+
+__all__ = ["from_dynamodb", "to_dynamodb", "validate"]
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+# DynamoDB numbers hold 38 significant digits; larger integers would be
+# rounded, which breaks "large integers round-trip exactly".
+_MAX_DIGITS = 38
+_MAX_DEPTH = 32  # DynamoDB's nesting limit for maps and lists
+
+
+def validate(value: Any, path: str = "payload") -> None:
+    """Raise :class:`PayloadError` naming the first non-JSON value in ``value``."""
+    _check(value, path, 0)
+
+
+def _check(value: Any, path: str, depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        raise PayloadError(path, f"nested deeper than {_MAX_DEPTH} levels")
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if len(str(abs(value))) > _MAX_DIGITS:
+            raise PayloadError(
+                path, f"integer has more than {_MAX_DIGITS} digits, "
+                "which DynamoDB cannot store exactly; send it as a string",
+            )
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(path, f"{value!r} is not a JSON number")
+        if value and not 1e-130 <= abs(value) < 1e126:
+            raise PayloadError(
+                path, f"{value!r} is outside DynamoDB's number range "
+                "(1e-130 to 1e126 in magnitude)",
+            )
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _check(item, f"{path}[{index}]", depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PayloadError(
+                    f"{path}[{key!r}]",
+                    f"map keys must be strings, got {type(key).__name__}",
+                )
+            _check(item, f"{path}[{key!r}]", depth + 1)
+        return
+    hint = {
+        "tuple": "use a list",
+        "set": "use a list",
+        "frozenset": "use a list",
+        "bytes": "encode it, e.g. base64, into a string",
+        "datetime": "use an ISO-8601 string",
+        "date": "use an ISO-8601 string",
+        "Decimal": "use an int, a float or a string",
+    }.get(type(value).__name__, "only JSON values are allowed")
+    raise PayloadError(
+        path, f"{type(value).__name__} is not JSON-compatible; {hint}"
+    )
+
+
+def _to_decimal(value: Any) -> Any:
+    if isinstance(value, float):
+        # repr gives the shortest string that reads back as the same float.
+        return DYNAMODB_CONTEXT.create_decimal(repr(value))
+    if isinstance(value, list):
+        return [_to_decimal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_decimal(v) for k, v in value.items()}
+    return value
+
+
+def _from_decimal(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        if value == value.to_integral_value():
+            return int(value)
+        return float(value)
+    if isinstance(value, list):
+        return [_from_decimal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _from_decimal(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        # Sets are never written by us; an item from elsewhere may hold one.
+        return sorted(_from_decimal(v) for v in value)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return value
+
+
+def to_dynamodb(value: Any, path: str = "payload") -> dict[str, Any]:
+    """Validate ``value`` and return it as a typed DynamoDB attribute value."""
+    validate(value, path)
+    try:
+        return _serializer.serialize(_to_decimal(value))
+    except (TypeError, ArithmeticError) as exc:  # e.g. a float too small
+        raise PayloadError(path, f"cannot be stored in DynamoDB: {exc}") from exc
+
+
+def from_dynamodb(attribute: dict[str, Any]) -> Any:
+    """Return the Python value of a typed DynamoDB attribute value."""
+    return _from_decimal(_deserializer.deserialize(attribute))

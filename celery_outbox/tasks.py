@@ -1,0 +1,161 @@
+"""The outbox's Celery tasks: the beat drain, and handler registration.
+
+The drain claims a batch of due events and dispatches one handler task per
+event: no ETA or countdown (retries wait in DynamoDB), a task id naming the
+event and attempt, and the event's id and type in the message headers so
+Flower and logs show which event a task serves.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery.utils.log import get_task_logger
+
+from celery_outbox import handlers
+from celery_outbox.errors import HandlerError
+from celery_outbox.event import Lease
+from celery_outbox.store import Outcome
+
+if TYPE_CHECKING:
+    from celery_outbox.outbox import Outbox
+
+__all__ = ["dispatch", "drain", "install", "register_handler", "task_id"]
+
+logger = get_task_logger("celery_outbox.drain")
+
+DRAIN_TASK = "celery_outbox.drain"
+BEAT_ENTRY = "celery_outbox.drain"
+
+
+def task_id(lease: Lease) -> str:
+    """The Celery task id of one attempt: ``outbox:<event id>:<attempt>``."""
+    return f"outbox:{lease.event.id}:{lease.event.attempt}"
+
+
+def install(outbox: Outbox) -> None:
+    """Register the drain task, its beat entry and the management tasks."""
+    app = outbox.app
+
+    @app.task(name=DRAIN_TASK, ignore_result=True, shared=False)  # type: ignore[misc]
+    def drain_task() -> dict[str, int]:
+        return drain(outbox)
+
+    outbox.drain_task = drain_task
+
+    @app.on_after_configure.connect(weak=False)  # type: ignore[misc]
+    def schedule_drain(sender: Any, **kwargs: Any) -> None:
+        schedule = sender.conf.beat_schedule
+        if any(
+            entry.get("task") == DRAIN_TASK for entry in (schedule or {}).values()
+        ):
+            return  # the user scheduled it themselves
+        interval_s = outbox.config.poll_interval_ms / 1000
+        sender.add_periodic_task(
+            interval_s,
+            drain_task.s(),
+            name=BEAT_ENTRY,
+            # A drain that waited a whole interval is superseded by the next
+            # one; let it expire instead of piling up behind a busy worker.
+            expires=interval_s,
+        )
+
+
+def register_handler(
+    outbox: Outbox, event_type: str, fn: Callable[..., Any], options: dict[str, Any]
+) -> Any:
+    """Create the Celery task that handles ``event_type`` with ``fn``."""
+    options = dict(options)
+    base = options.pop("base", None)
+    bases: tuple[type, ...] = (handlers.HandlerTask,)
+    if base is not None and not issubclass(base, handlers.HandlerTask):
+        bases = (handlers.HandlerTask, base)
+    elif base is not None:
+        bases = (base,)
+    base_cls = type(f"{fn.__name__}_handler", bases, {
+        "outbox": outbox, "event_type": event_type, "abstract": True,
+    })
+    if outbox.config.handler_queue and "queue" not in options:
+        options["queue"] = outbox.config.handler_queue
+    options.setdefault("ignore_result", True)
+    bind = bool(options.pop("bind", False))
+    wrapped = handlers.wrap(fn, bind=bind)
+    return outbox.app.task(base=base_cls, bind=bind, **options)(wrapped)
+
+
+def drain(outbox: Outbox) -> dict[str, int]:
+    """Claim due events and dispatch them; return what was done.
+
+    Claims are shuffled so that drains running at once (two beats, a slow
+    worker) collide less: each loses a race only where both picked the same
+    event at the same moment.
+    """
+    result = outbox.store.claim()
+    leases = list(result.leases)
+    random.shuffle(leases)
+    dispatched = failed = released = 0
+    for lease in leases:
+        outcome = dispatch(outbox, lease)
+        if outcome == "dispatched":
+            dispatched += 1
+        elif outcome == "failed":
+            failed += 1
+        else:
+            released += 1
+    summary = {
+        "claimed": len(leases),
+        "skipped": result.skipped,
+        "dispatched": dispatched,
+        "failed": failed + result.exhausted,
+        "released": released,
+    }
+    if leases or result.skipped or result.exhausted:
+        logger.info(
+            "Drained outbox %r: claimed %d, skipped %d, dispatched %d, failed %d",
+            outbox.config.table_name, len(leases), result.skipped, dispatched,
+            summary["failed"],
+        )
+    return summary
+
+
+def dispatch(outbox: Outbox, lease: Lease) -> str:
+    """Send the handler task for one leased event.
+
+    Returns ``dispatched``, ``failed`` (no handler for its type) or
+    ``released`` (the broker refused the message; the event is due again
+    without losing an attempt).
+    """
+    event = lease.event
+    task = outbox.handlers.get(event.type)
+    if task is None:
+        error = HandlerError(
+            f"no handler is registered for event type {event.type!r}; deploy one "
+            "and retry the event"
+        )
+        if outbox.store.fail(lease, error, final=True) is not Outcome.STALE:
+            logger.warning(
+                "Event %r (%s) failed: no handler for its type", event.id, event.type
+            )
+        return "failed"
+    try:
+        task.apply_async(
+            args=[event.as_dict()],
+            task_id=task_id(lease),
+            headers={
+                handlers.HEADER_EVENT_ID: event.id,
+                handlers.HEADER_EVENT_TYPE: event.type,
+                handlers.HEADER_ATTEMPT: event.attempt,
+                handlers.HEADER_LEASE: lease.token,
+                handlers.HEADER_DEADLINE: lease.deadline_ms,
+            },
+        )
+    except Exception as exc:  # any broker error: give the lease back
+        logger.warning(
+            "Could not dispatch event %r (%s): %s; releasing it for the next drain",
+            event.id, event.type, exc,
+        )
+        outbox.store.release(lease)
+        return "released"
+    return "dispatched"
