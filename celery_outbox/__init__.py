@@ -28,8 +28,8 @@ from celery_outbox.outbox import Outbox
 from celery_outbox.store import (
     ClaimResult,
     FailedPage,
-    Outcome,
     OutboxStore,
+    Outcome,
     RetryReport,
     Stats,
 )

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from celery_outbox import payload as payloads
-from celery_outbox.errors import EventError, ItemTooLargeError
+from celery_outbox.errors import EventError
 
 __all__ = [
     "Event",

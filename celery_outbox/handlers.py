@@ -46,22 +46,39 @@ HEADER_DEADLINE = "outbox_deadline"
 class OutboxRetry(Exception):
     """Raised by :meth:`HandlerTask.retry`: fail this attempt, retry later.
 
+    Celery may pickle it between the pool and the worker, so it carries
+    plain values only.
+
     Attributes:
-        cause: the exception that led to the retry, if any.
+        reason: the error that led to the retry, as ``Type: message``.
         countdown_s: the delay the handler asked for, or None for the
             outbox backoff.
     """
 
-    def __init__(self, cause: BaseException | None, countdown_s: float | None) -> None:
-        super().__init__(str(cause) if cause else "retry requested by the handler")
-        self.cause = cause
+    def __init__(self, reason: str, countdown_s: float | None = None) -> None:
+        super().__init__(reason, countdown_s)
+        self.reason = reason
         self.countdown_s = countdown_s
+
+    def __str__(self) -> str:
+        return self.reason
+
+    @classmethod
+    def from_exception(
+        cls, exc: BaseException | None, countdown_s: float | None
+    ) -> OutboxRetry:
+        """The retry for ``exc`` (None when the handler gave no exception)."""
+        if exc is None:
+            return cls("retry requested by the handler", countdown_s)
+        return cls(f"{type(exc).__name__}: {exc}", countdown_s)
 
 
 class HandlerTask(Task):  # type: ignore[misc]
     """Base class of outbox handler tasks: writes outcomes back to DynamoDB."""
 
     abstract = True
+    # A requested retry is expected: Celery logs it without a traceback.
+    throws = (OutboxRetry,)
     outbox: Outbox
     event_type: str
 
@@ -91,7 +108,7 @@ class HandlerTask(Task):  # type: ignore[misc]
             raise Ignore()
         return super().__call__(*args, **kwargs)
 
-    def retry(  # type: ignore[override]
+    def retry(
         self,
         args: Any = None,
         kwargs: Any = None,
@@ -112,7 +129,7 @@ class HandlerTask(Task):  # type: ignore[misc]
             return super().retry(  # type: ignore[no-any-return]
                 args, kwargs, exc, throw, eta, countdown, max_retries, **options
             )
-        retry = OutboxRetry(exc, countdown)
+        retry = OutboxRetry.from_exception(exc, countdown)
         if throw:
             raise retry
         return retry
@@ -134,18 +151,18 @@ class HandlerTask(Task):  # type: ignore[misc]
         if lease is None or isinstance(exc, (Ignore, Reject)):
             return
         delay_ms = None
-        cause: BaseException = exc
+        error: str | BaseException = exc
         if isinstance(exc, OutboxRetry):
-            cause = exc.cause or exc
+            error = exc.reason
             if exc.countdown_s is not None:
                 delay_ms = max(0, round(exc.countdown_s * 1000))
-        outcome = self.outbox.store.fail(lease, cause, delay_ms=delay_ms)
+        outcome = self.outbox.store.fail(lease, error, delay_ms=delay_ms)
         if outcome is Outcome.STALE:
             return
         logger.warning(
-            "Event %r (%s) attempt %d failed: %s: %s; %s",
+            "Event %r (%s) attempt %d failed: %s; %s",
             lease.event.id, self.event_type, lease.event.attempt,
-            type(cause).__name__, cause,
+            self.outbox.store.short_error(error),
             "no retries left, now failed" if outcome is Outcome.FAILED
             else "will be retried",
         )

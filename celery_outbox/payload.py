@@ -123,11 +123,12 @@ def to_dynamodb(value: Any, path: str = "payload") -> dict[str, Any]:
     """Validate ``value`` and return it as a typed DynamoDB attribute value."""
     validate(value, path)
     try:
-        return _serializer.serialize(_to_decimal(value))
+        typed: dict[str, Any] = _serializer.serialize(_to_decimal(value))  # type: ignore[assignment]
+        return typed
     except (TypeError, ArithmeticError) as exc:  # e.g. a float too small
         raise PayloadError(path, f"cannot be stored in DynamoDB: {exc}") from exc
 
 
 def from_dynamodb(attribute: dict[str, Any]) -> Any:
     """Return the Python value of a typed DynamoDB attribute value."""
-    return _from_decimal(_deserializer.deserialize(attribute))
+    return _from_decimal(_deserializer.deserialize(attribute))  # type: ignore[arg-type]

@@ -51,8 +51,8 @@ from celery_outbox.event import Event, FailedEvent, Lease, Status
 __all__ = [
     "ClaimResult",
     "FailedPage",
-    "Outcome",
     "OutboxStore",
+    "Outcome",
     "RetryReport",
     "Stats",
     "make_client",
@@ -307,10 +307,8 @@ class OutboxStore:
             ) from exc
 
     def _is_our_put(self, action: dict[str, Any]) -> bool:
-        put = action.get("Put")
-        return bool(put) and put.get("TableName") == self.table and (
-            ev.STATUS in put.get("Item", {})
-        )
+        put = action.get("Put") or {}
+        return bool(put.get("TableName") == self.table and ev.STATUS in put.get("Item", {}))
 
     @staticmethod
     def _action_id(action: dict[str, Any]) -> str:
@@ -403,7 +401,7 @@ class OutboxStore:
                     ":failed": {"S": Status.FAILED.value},
                     ":now": {"N": str(now)},
                     ":retry": {"N": str(retries)},
-                    ":err": {"S": self._short(lost)},
+                    ":err": {"S": self.short_error(lost)},
                 },
             )
             if done is None:
@@ -421,7 +419,7 @@ class OutboxStore:
             event_id,
             now,
             condition,
-            {**values, ":retry": {"N": str(retries)}, ":err": {"S": self._short(lost)}},
+            {**values, ":retry": {"N": str(retries)}, ":err": {"S": self.short_error(lost)}},
             extra_set=", #retry = :retry, #error = :err",
         )
 
@@ -529,7 +527,7 @@ class OutboxStore:
                 ":status": {"S": status.value},
                 ":sk": {"N": str(sort_key)},
                 ":retry": {"N": str(retries)},
-                ":err": {"S": self._short(error)},
+                ":err": {"S": self.short_error(error)},
             },
         )
         if done is None:
@@ -567,7 +565,7 @@ class OutboxStore:
         if retries < 1:
             raise ValueError(f"retries counts from 1, got {retries}")
         base, cap = self.config.base_backoff_ms, self.config.max_backoff_ms
-        delay = min(cap, base * 2 ** min(retries - 1, 62))
+        delay: int = min(cap, base * 2 ** min(retries - 1, 62))
         half = delay / 2
         return max(1, min(cap, round(half + self._rng.uniform(0, half))))
 
@@ -578,7 +576,8 @@ class OutboxStore:
         )
         return Outcome.STALE
 
-    def _short(self, error: str | BaseException) -> str:
+    def short_error(self, error: str | BaseException) -> str:
+        """``error`` on one line, cut to ``config.max_error_chars``."""
         if isinstance(error, BaseException):
             text = f"{type(error).__name__}: {error}"
         else:

@@ -39,13 +39,13 @@ def install(outbox: Outbox) -> None:
     """Register the drain task, its beat entry and the management tasks."""
     app = outbox.app
 
-    @app.task(name=DRAIN_TASK, ignore_result=True, shared=False)  # type: ignore[misc]
+    @app.task(name=DRAIN_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
     def drain_task() -> dict[str, int]:
         return drain(outbox)
 
     outbox.drain_task = drain_task
 
-    @app.on_after_configure.connect(weak=False)  # type: ignore[misc]
+    @app.on_after_configure.connect(weak=False)  # type: ignore[untyped-decorator]
     def schedule_drain(sender: Any, **kwargs: Any) -> None:
         schedule = sender.conf.beat_schedule
         if any(
