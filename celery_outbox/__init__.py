@@ -8,18 +8,22 @@ outcomes are written back with conditional updates.
 from celery_outbox.collector import Transaction, collecting
 from celery_outbox.config import Completion, OutboxConfig
 from celery_outbox.errors import (
+    ArgumentError,
     CollectorError,
     CollectorFullError,
     ConfigError,
     DuplicateEventError,
     EventError,
     EventExistsError,
+    EventNotFoundError,
+    EventStatusError,
     HandlerError,
     ItemTooLargeError,
     OutboxError,
     PayloadError,
     StoreError,
     TableError,
+    TransactionCancelledError,
     TransactionTooLargeError,
     UnprocessedItemsError,
 )
@@ -37,6 +41,7 @@ from celery_outbox.store import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "ClaimResult",
     "CollectorError",
     "CollectorFullError",
@@ -46,6 +51,8 @@ __all__ = [
     "Event",
     "EventError",
     "EventExistsError",
+    "EventNotFoundError",
+    "EventStatusError",
     "FailedEvent",
     "FailedPage",
     "HandlerError",
@@ -63,6 +70,7 @@ __all__ = [
     "StoreError",
     "TableError",
     "Transaction",
+    "TransactionCancelledError",
     "TransactionTooLargeError",
     "UnprocessedItemsError",
     "collecting",

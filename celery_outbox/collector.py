@@ -19,9 +19,8 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from boto3.dynamodb.types import TypeSerializer
-
 from celery_outbox import event as ev
+from celery_outbox import payload as payloads
 from celery_outbox.errors import (
     CollectorError,
     CollectorFullError,
@@ -34,6 +33,7 @@ __all__ = [
     "MAX_TRANSACTION_BYTES",
     "Transaction",
     "append",
+    "check",
     "collecting",
     "current",
 ]
@@ -89,19 +89,16 @@ def _action_parts(index: int, action: Any) -> tuple[str, dict[str, Any]]:
     return kind, body
 
 
-def _key(body: dict[str, Any]) -> str:
-    # Only the item's key matters for "one action per item"; the outbox
-    # table's key is ``id``, other tables' keys are compared whole.
-    key = body.get("Key") or body.get("Item") or {}
-    return json.dumps(key, sort_keys=True, default=str)
-
-
 def action_size(action: dict[str, Any]) -> int:
     """Estimate the bytes an action adds to a transaction's 4 MB."""
     ((_kind, body),) = action.items()
+    return _body_size(body)
+
+
+def _body_size(body: dict[str, Any]) -> int:
     size = ev.item_size(body.get("Item") or body.get("Key") or {})
     values = body.get("ExpressionAttributeValues") or {}
-    size += sum(len(k) + ev._value_size(v) for k, v in values.items())
+    size += sum(len(k) + ev.value_size(v) for k, v in values.items())
     for name in ("UpdateExpression", "ConditionExpression"):
         size += len(str(body.get(name, "")).encode("utf-8"))
     return size
@@ -110,11 +107,49 @@ def action_size(action: dict[str, Any]) -> int:
 def append(collector: Any, actions: Sequence[dict[str, Any]]) -> None:
     """Append outbox ``actions`` to ``collector`` if every limit allows it.
 
+    ``actions`` are event puts from :meth:`OutboxStore.put_action`: their
+    table is keyed on ``id``, so another action on the same id, whatever its
+    payload, is a duplicate. The collector is changed only when every check
+    passes.
+
     Raises:
         CollectorError: the collector is not a list of actions.
         CollectorFullError: more than 100 actions would result.
         TransactionTooLargeError: more than 4 MB would result.
-        DuplicateEventError: an event id (or item) would appear twice.
+        DuplicateEventError: an event id would appear twice.
+    """
+    outbox_tables = {
+        _action_parts(i, a)[1]["TableName"] for i, a in enumerate(actions)
+    }
+    _append(collector, actions, {t: (ev.ID,) for t in outbox_tables})
+
+
+def check(
+    actions: Sequence[dict[str, Any]],
+    *,
+    keys: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Check a whole transaction against DynamoDB's limits before sending it.
+
+    ``keys`` names the key attributes of tables known in advance.
+
+    Raises:
+        CollectorError: an action is malformed, an item appears twice, or a
+            limit is broken.
+    """
+    _append([], actions, dict(keys or {}))
+
+
+def _append(
+    collector: Any,
+    actions: Sequence[dict[str, Any]],
+    keys: dict[str, tuple[str, ...]],
+) -> None:
+    """Check ``actions`` against ``collector`` and every limit, then extend it.
+
+    ``keys`` names the key attributes of tables known in advance; those of
+    other tables are learnt from the actions that carry a ``Key``, and a put
+    on a table whose key is unknown is compared whole.
     """
     if not isinstance(collector, list):
         raise CollectorError(
@@ -128,24 +163,19 @@ def append(collector: Any, actions: Sequence[dict[str, Any]]) -> None:
             f"collected); DynamoDB allows {MAX_ACTIONS}. Commit and start another, "
             "or emit fewer events"
         )
+    bodies = [_action_parts(i, a)[1] for i, a in enumerate([*collector, *actions])]
+    keys = dict(keys)
+    for body in bodies:
+        if body.get("Key") and body["TableName"] not in keys:
+            keys[body["TableName"]] = tuple(sorted(body["Key"]))
     seen: dict[tuple[str, str], int] = {}
     size = 0
-    for index, action in enumerate(collector):
-        _kind, body = _action_parts(index, action)
-        seen[(body["TableName"], _key(body))] = index
-        size += action_size(action)
-    for action in actions:
-        _kind, body = _action_parts(len(collector), action)
-        key = (body["TableName"], _key(body))
-        if key in seen:
-            event_id = _item_id(body)
-            raise DuplicateEventError(
-                event_id,
-                f"event {event_id!r} is already in this transaction (at "
-                f"collector[{seen[key]}]); DynamoDB allows one action per item",
-            )
-        seen[key] = -1
-        size += action_size(action)
+    for index, body in enumerate(bodies):
+        identity = (body["TableName"], _identity(body, keys))
+        if identity in seen:
+            _duplicate(body, identity, seen[identity], keys)
+        seen[identity] = index
+        size += _body_size(body)
     if size > MAX_TRANSACTION_BYTES:
         raise TransactionTooLargeError(
             f"the transaction would be about {size:,} bytes; DynamoDB allows "
@@ -154,9 +184,34 @@ def append(collector: Any, actions: Sequence[dict[str, Any]]) -> None:
     collector.extend(actions)
 
 
-def _item_id(body: dict[str, Any]) -> str:
-    key = body.get("Item") or body.get("Key") or {}
-    return str(key.get(ev.ID, {}).get("S", key))
+def _identity(body: dict[str, Any], keys: dict[str, tuple[str, ...]]) -> str:
+    """The item an action touches, as comparable text."""
+    key = body.get("Key")
+    if key is None:
+        item = body.get("Item") or {}
+        names = keys.get(body["TableName"])
+        key = {n: item.get(n) for n in names} if names else item
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _duplicate(
+    body: dict[str, Any],
+    identity: tuple[str, str],
+    first: int,
+    keys: dict[str, tuple[str, ...]],
+) -> None:
+    table, key = identity
+    if keys.get(table) == (ev.ID,):
+        event_id = str((body.get("Item") or body.get("Key") or {})[ev.ID].get("S"))
+        raise DuplicateEventError(
+            event_id,
+            f"event {event_id!r} is already in this transaction (at "
+            f"collector[{first}]); DynamoDB allows one action per item",
+        )
+    raise CollectorError(
+        f"item {key} of table {table!r} is already in this transaction (at "
+        f"collector[{first}]); DynamoDB allows one action per item"
+    )
 
 
 class Transaction:
@@ -171,19 +226,21 @@ class Transaction:
 
     def __init__(self) -> None:
         self.actions: list[dict[str, Any]] = []
-        self._serializer = TypeSerializer()
 
     def __len__(self) -> int:
         return len(self.actions)
 
     def _typed(self, values: dict[str, Any]) -> dict[str, Any]:
-        from celery_outbox.payload import to_dynamodb
-
-        return {k: to_dynamodb(v, f"item[{k!r}]") for k, v in values.items()}
+        return {k: payloads.to_dynamodb(v, f"item[{k!r}]") for k, v in values.items()}
 
     def add(self, action: dict[str, Any]) -> None:
-        """Add a raw, typed ``TransactWriteItems`` action."""
-        append(self.actions, [action])
+        """Add a raw, typed ``TransactWriteItems`` action.
+
+        Raises:
+            CollectorError: it is not an action, touches an item already in
+                the transaction, or would break a DynamoDB limit.
+        """
+        _append(self.actions, [action], {})
 
     def put(
         self,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from celery_outbox.errors import ConfigError
@@ -22,9 +23,13 @@ __all__ = ["Completion", "OutboxConfig"]
 
 DEFAULT_INDEX = "status-gsiSortKey-index"
 DAY_MS = 24 * 3600 * 1000
+# DynamoDB's rule for table and index names.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+# lastError must leave room in the 400 KB item for the event itself.
+_MAX_ERROR_CHARS = 10_000
 
 
-class Completion(str, Enum):
+class Completion(StrEnum):
     """What happens to an event once its handler succeeded."""
 
     DELETE = "delete"
@@ -34,11 +39,10 @@ class Completion(str, Enum):
     """Keep it as ``completed`` with a TTL of ``retention_ms``."""
 
 
-def _ms(name: str, value: Any, *, minimum: int = 1) -> None:
+def _whole(name: str, value: Any, *, minimum: int = 1, unit: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            name, f"expected a whole number of milliseconds, got {value!r}"
-        )
+        what = f"a whole number of {unit}" if unit else "a whole number"
+        raise ConfigError(name, f"expected {what}, got {value!r}")
     if value < minimum:
         raise ConfigError(name, f"must be at least {minimum}, got {value}")
 
@@ -104,9 +108,11 @@ class OutboxConfig:
     def __post_init__(self) -> None:
         for name in ("table_name", "status_index_name"):
             value = getattr(self, name)
-            if not isinstance(value, str) or not 3 <= len(value) <= 255:
+            if not isinstance(value, str) or not _NAME.fullmatch(value):
                 raise ConfigError(
-                    name, f"expected a DynamoDB name of 3-255 characters, got {value!r}"
+                    name,
+                    "expected a DynamoDB name: 3-255 letters, digits, '_', '-' "
+                    f"or '.', got {value!r}",
                 )
         for name in ("endpoint_url", "region_name", "handler_queue"):
             value = getattr(self, name)
@@ -119,18 +125,32 @@ class OutboxConfig:
                 "endpoint_url",
                 f"expected an http:// or https:// URL, got {self.endpoint_url!r}",
             )
-        _ms("batch_size", self.batch_size)
-        _ms("max_query_pages", self.max_query_pages)
-        _ms("poll_interval_ms", self.poll_interval_ms)
-        _ms("processing_timeout_ms", self.processing_timeout_ms)
-        _ms("max_retries", self.max_retries, minimum=0)
-        _ms("base_backoff_ms", self.base_backoff_ms)
-        _ms("max_backoff_ms", self.max_backoff_ms)
-        _ms("max_error_backoff_ms", self.max_error_backoff_ms)
-        _ms("retention_ms", self.retention_ms)
-        _ms("max_error_chars", self.max_error_chars, minimum=20)
+        _whole("batch_size", self.batch_size)
+        _whole("max_query_pages", self.max_query_pages)
+        _whole("max_retries", self.max_retries, minimum=0)
+        _whole("max_error_chars", self.max_error_chars, minimum=20)
+        for name in (
+            "poll_interval_ms",
+            "processing_timeout_ms",
+            "base_backoff_ms",
+            "max_backoff_ms",
+            "max_error_backoff_ms",
+            "retention_ms",
+        ):
+            _whole(name, getattr(self, name), unit="milliseconds")
         if self.batch_size > 1000:
-            raise ConfigError("batch_size", f"must be at most 1000, got {self.batch_size}")
+            raise ConfigError(
+                "batch_size", f"must be at most 1000, got {self.batch_size}"
+            )
+        if self.max_error_chars > _MAX_ERROR_CHARS:
+            raise ConfigError(
+                "max_error_chars",
+                f"must be at most {_MAX_ERROR_CHARS}, got {self.max_error_chars}",
+            )
+        if not isinstance(self.extra, Mapping):
+            raise ConfigError(
+                "extra", f"expected a mapping, got {type(self.extra).__name__}"
+            )
         if self.base_backoff_ms > self.max_backoff_ms:
             raise ConfigError(
                 "base_backoff_ms",
@@ -140,7 +160,7 @@ class OutboxConfig:
         if not isinstance(self.completion, Completion):
             try:
                 object.__setattr__(self, "completion", Completion(self.completion))
-            except ValueError:
+            except (ValueError, TypeError):
                 raise ConfigError(
                     "completion",
                     f"expected 'delete' or 'keep', got {self.completion!r}",

@@ -4,6 +4,7 @@
 
     OutboxError
     ├── ConfigError              an option has an invalid value
+    ├── ArgumentError            a call got an argument it cannot take
     ├── EventError               an event cannot be written as given
     │   ├── PayloadError         the payload holds a value that is not JSON
     │   └── ItemTooLargeError    the item exceeds DynamoDB's 400 KB
@@ -14,11 +15,15 @@
     ├── TableError               the table or its index is missing or wrong
     ├── StoreError               DynamoDB refused or gave up on a request
     │   ├── EventExistsError     an event with that id is already stored
+    │   ├── EventNotFoundError   no event has that id
+    │   ├── EventStatusError     the event is not in the status the call needs
+    │   ├── TransactionCancelledError   DynamoDB cancelled a transaction
     │   └── UnprocessedItemsError   a batch write gave up on some items
     └── HandlerError             no handler, or a handler set up wrongly
 
 Errors carry the object they concern (an event id, a table name, an option)
-as attributes, so callers can act on them without parsing messages.
+as attributes, so callers can act on them without parsing messages. Every
+error raised for bad input is raised before anything is written.
 """
 
 from __future__ import annotations
@@ -26,18 +31,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "ArgumentError",
     "CollectorError",
     "CollectorFullError",
     "ConfigError",
     "DuplicateEventError",
     "EventError",
     "EventExistsError",
+    "EventNotFoundError",
+    "EventStatusError",
     "HandlerError",
     "ItemTooLargeError",
     "OutboxError",
     "PayloadError",
     "StoreError",
     "TableError",
+    "TransactionCancelledError",
     "TransactionTooLargeError",
     "UnprocessedItemsError",
 ]
@@ -57,6 +66,18 @@ class ConfigError(OutboxError, ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
+
+
+class ArgumentError(OutboxError, ValueError):
+    """A store or management call got an argument it cannot take.
+
+    Attributes:
+        argument: the name of the offending argument.
+    """
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument = argument
 
 
 class EventError(OutboxError, ValueError):
@@ -159,6 +180,50 @@ class EventExistsError(StoreError):
             "ConditionalCheckFailedException",
         )
         self.event_ids = list(event_ids)
+
+
+class EventNotFoundError(StoreError):
+    """No event is stored under these ids; nothing was changed.
+
+    Attributes:
+        event_ids: the ids that are not stored.
+    """
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        ids = ", ".join(repr(i) for i in event_ids)
+        super().__init__(f"no outbox event has the id {ids}; nothing was changed")
+        self.event_ids = list(event_ids)
+
+
+class EventStatusError(StoreError):
+    """An event is not in the status the call needs; nothing was changed.
+
+    Attributes:
+        statuses: each offending id with the status it is in.
+        expected: the status the call needs.
+    """
+
+    def __init__(self, statuses: dict[str, str], expected: str) -> None:
+        found = ", ".join(f"{i!r} is {s}" for i, s in statuses.items())
+        super().__init__(
+            f"only {expected} events can be changed by this call, but {found}; "
+            "nothing was changed"
+        )
+        self.statuses = dict(statuses)
+        self.expected = expected
+
+
+class TransactionCancelledError(StoreError):
+    """DynamoDB cancelled a transaction; none of its actions were applied.
+
+    Attributes:
+        reasons: DynamoDB's cancellation code for each action, in order
+            (``None`` for the actions that were not at fault).
+    """
+
+    def __init__(self, message: str, reasons: Sequence[str]) -> None:
+        super().__init__(message, "TransactionCanceledException")
+        self.reasons = list(reasons)
 
 
 class UnprocessedItemsError(StoreError):

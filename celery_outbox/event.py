@@ -13,17 +13,18 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from celery_outbox import payload as payloads
-from celery_outbox.errors import EventError
+from celery_outbox.errors import ArgumentError, EventError
 
 __all__ = [
     "Event",
     "FailedEvent",
     "Lease",
     "Status",
+    "check_event_ids",
     "item_size",
 ]
 
@@ -45,11 +46,11 @@ EXPIRES_AT = "expiresAt"
 
 ITEM_LIMIT = 400 * 1024
 MAX_ID_BYTES = 1024
-MAX_TYPE_CHARS = 256
+MAX_TYPE_BYTES = 256
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """The lifecycle states an event moves through."""
 
     CREATED = "created"
@@ -80,9 +81,36 @@ def _check_text(name: str, value: Any, *, max_bytes: int) -> str:
         raise EventError(f"event {name} must not be empty or blank")
     if _CONTROL.search(value):
         raise EventError(f"event {name} {value!r} contains control characters")
-    if len(value.encode("utf-8")) > max_bytes:
-        raise EventError(f"event {name} is longer than {max_bytes} bytes")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise EventError(f"event {name} {value!r} is not valid Unicode") from None
+    if size > max_bytes:
+        raise EventError(
+            f"event {name} is {size} bytes long; the limit is {max_bytes} bytes"
+        )
     return value
+
+
+def check_event_ids(event_ids: Any, argument: str = "event_ids") -> list[str]:
+    """``event_ids`` as a list of valid ids, or :class:`ArgumentError`.
+
+    One id alone (a string) is taken as a list of one, since iterating a
+    string by mistake would name every character as an id.
+    """
+    ids = [event_ids] if isinstance(event_ids, str) else event_ids
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise ArgumentError(
+            argument, f"expected event ids, got {type(event_ids).__name__}"
+        ) from None
+    for event_id in ids:
+        try:
+            _check_text("id", event_id, max_bytes=MAX_ID_BYTES)
+        except EventError as exc:
+            raise ArgumentError(argument, str(exc)) from None
+    return ids
 
 
 @dataclass(frozen=True)
@@ -111,7 +139,7 @@ class Event:
         occurred_at: datetime | str | None = None,
     ) -> Event:
         """Validate and build an event; ``id`` defaults to a fresh UUID."""
-        _check_text("type", type, max_bytes=MAX_TYPE_CHARS)
+        _check_text("type", type, max_bytes=MAX_TYPE_BYTES)
         event_id = str(uuid.uuid4()) if id is None else id
         _check_text("id", event_id, max_bytes=MAX_ID_BYTES)
         payloads.validate(payload)
@@ -250,10 +278,11 @@ def item_size(item: dict[str, Any]) -> int:
     two digits plus one, and each map or list three bytes plus one a member.
     The estimate errs high, so a passing item is under the real limit.
     """
-    return sum(len(name.encode("utf-8")) + _value_size(v) for name, v in item.items())
+    return sum(len(name.encode("utf-8")) + value_size(v) for name, v in item.items())
 
 
-def _value_size(value: dict[str, Any]) -> int:
+def value_size(value: dict[str, Any]) -> int:
+    """Estimate the size of one typed value, as :func:`item_size` does."""
     (kind, inner), = value.items()
     if kind == "S":
         return len(inner.encode("utf-8"))
@@ -265,11 +294,11 @@ def _value_size(value: dict[str, Any]) -> int:
     if kind in ("BOOL", "NULL"):
         return 1
     if kind == "L":
-        return 3 + sum(1 + _value_size(v) for v in inner)
+        return 3 + sum(1 + value_size(v) for v in inner)
     if kind == "M":
         return 3 + sum(
-            1 + len(k.encode("utf-8")) + _value_size(v) for k, v in inner.items()
+            1 + len(k.encode("utf-8")) + value_size(v) for k, v in inner.items()
         )
     if kind in ("SS", "NS", "BS"):
-        return sum(_value_size({kind[0]: v}) for v in inner)
+        return sum(value_size({kind[0]: v}) for v in inner)
     return len(str(inner))

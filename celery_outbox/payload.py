@@ -35,18 +35,34 @@ _deserializer = TypeDeserializer()
 # DynamoDB numbers hold 38 significant digits; larger integers would be
 # rounded, which breaks "large integers round-trip exactly".
 _MAX_DIGITS = 38
-_MAX_DEPTH = 32  # DynamoDB's nesting limit for maps and lists
+# DynamoDB Local refuses a payload of 32 maps nested in each other and takes
+# 31: the item's own level counts towards DynamoDB's limit of 32.
+_MAX_NESTING = 31
+_HINTS = {
+    "tuple": "use a list",
+    "set": "use a list",
+    "frozenset": "use a list",
+    "bytes": "encode it, e.g. base64, into a string",
+    "bytearray": "encode it, e.g. base64, into a string",
+    "datetime": "use an ISO-8601 string",
+    "date": "use an ISO-8601 string",
+    "Decimal": "use an int, a float or a string",
+}
 
 
 def validate(value: Any, path: str = "payload") -> None:
-    """Raise :class:`PayloadError` naming the first non-JSON value in ``value``."""
+    """Raise :class:`PayloadError` naming the first non-JSON value in ``value``.
+
+    The path reads like Python, e.g. ``payload['items'][2]['price']``.
+    """
     _check(value, path, 0)
 
 
 def _check(value: Any, path: str, depth: int) -> None:
-    if depth > _MAX_DEPTH:
-        raise PayloadError(path, f"nested deeper than {_MAX_DEPTH} levels")
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _check_text(value, path, "string")
         return
     if isinstance(value, int):
         if len(str(abs(value))) > _MAX_DIGITS:
@@ -56,45 +72,61 @@ def _check(value: Any, path: str, depth: int) -> None:
             )
         return
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise PayloadError(path, f"{value!r} is not a JSON number")
-        if value and not 1e-130 <= abs(value) < 1e126:
+        _check_float(value, path)
+        return
+    if isinstance(value, list | dict):
+        if depth >= _MAX_NESTING:
             raise PayloadError(
-                path, f"{value!r} is outside DynamoDB's number range "
-                "(1e-130 to 1e126 in magnitude)",
+                path, f"lists and maps are nested more than {_MAX_NESTING} "
+                "deep, which DynamoDB refuses",
             )
-        return
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]", depth + 1)
-        return
-    if isinstance(value, dict):
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                _check(item, f"{path}[{index}]", depth + 1)
+            return
         for key, item in value.items():
+            where = f"{path}[{key!r}]"
             if not isinstance(key, str):
                 raise PayloadError(
-                    f"{path}[{key!r}]",
-                    f"map keys must be strings, got {type(key).__name__}",
+                    where, f"map keys must be strings, got {type(key).__name__}"
                 )
-            _check(item, f"{path}[{key!r}]", depth + 1)
+            if not key:
+                raise PayloadError(where, "map keys must not be empty in DynamoDB")
+            _check_text(key, where, "map key")
+            _check(item, where, depth + 1)
         return
-    hint = {
-        "tuple": "use a list",
-        "set": "use a list",
-        "frozenset": "use a list",
-        "bytes": "encode it, e.g. base64, into a string",
-        "datetime": "use an ISO-8601 string",
-        "date": "use an ISO-8601 string",
-        "Decimal": "use an int, a float or a string",
-    }.get(type(value).__name__, "only JSON values are allowed")
-    raise PayloadError(
-        path, f"{type(value).__name__} is not JSON-compatible; {hint}"
-    )
+    name = type(value).__name__
+    hint = _HINTS.get(name, "only JSON values are allowed")
+    raise PayloadError(path, f"{name} is not JSON-compatible; {hint}")
+
+
+def _check_text(value: str, path: str, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # A lone surrogate cannot travel as UTF-8: the request would fail
+        # inside botocore, after validation said yes.
+        raise PayloadError(
+            path, f"{what} is not valid Unicode (it holds {exc.object[exc.start]!r})"
+        ) from None
+
+
+def _check_float(value: float, path: str) -> None:
+    if not math.isfinite(value):
+        raise PayloadError(path, f"{value!r} is not a JSON number")
+    if value and not 1e-130 <= abs(value) < 1e126:
+        raise PayloadError(
+            path, f"{value!r} is outside DynamoDB's number range "
+            "(1e-130 to 1e126 in magnitude)",
+        )
 
 
 def _to_decimal(value: Any) -> Any:
     if isinstance(value, float):
         # repr gives the shortest string that reads back as the same float.
         return DYNAMODB_CONTEXT.create_decimal(repr(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)  # an IntEnum member is stored as its number
     if isinstance(value, list):
         return [_to_decimal(v) for v in value]
     if isinstance(value, dict):
