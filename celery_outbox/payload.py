@@ -7,10 +7,14 @@ value (a map, list, number...) rather than a JSON string, as the TypeScript
 adapter does, so both libraries read each other's events.
 
 boto3's ``TypeSerializer`` and ``TypeDeserializer`` do the marshalling. The
-only conversions of our own are at the number boundary: floats go in as the
-``Decimal`` of their shortest repr, and come out as ``int`` when integral and
-``float`` otherwise. Like JSON, DynamoDB does not tell ``3.0`` from ``3``, so
-an integral float comes back as an int.
+only conversions of our own are at the number boundary. DynamoDB, like JSON,
+does not tell ``3.0`` from ``3``: an integral number below 10**38 comes back
+as an ``int``, any other number as a ``float``. So a float goes in as the
+``Decimal`` of its shortest repr, except an integral float below 10**38,
+which goes in as its exact integer: ``3.608688818084449e16`` is really
+36086888180844488, and must not come back as 36086888180844490. Integers
+above 38 digits are refused, so a larger integral value can only have been
+a float.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ _deserializer = TypeDeserializer()
 # DynamoDB numbers hold 38 significant digits; larger integers would be
 # rounded, which breaks "large integers round-trip exactly".
 _MAX_DIGITS = 38
+_INT_LIMIT = 10**_MAX_DIGITS
 # DynamoDB Local refuses a payload of 32 maps nested in each other and takes
 # 31: the item's own level counts towards DynamoDB's limit of 32.
 _MAX_NESTING = 31
@@ -123,6 +128,8 @@ def _check_float(value: float, path: str) -> None:
 
 def _to_decimal(value: Any) -> Any:
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < _INT_LIMIT:
+            return Decimal(int(value))
         # repr gives the shortest string that reads back as the same float.
         return DYNAMODB_CONTEXT.create_decimal(repr(value))
     if isinstance(value, int) and not isinstance(value, bool):
@@ -136,7 +143,8 @@ def _to_decimal(value: Any) -> Any:
 
 def _from_decimal(value: Any) -> Any:
     if isinstance(value, Decimal):
-        if value == value.to_integral_value():
+        # copy_abs, not abs(): abs rounds to the context's 28 digits.
+        if value == value.to_integral_value() and value.copy_abs() < _INT_LIMIT:
             return int(value)
         return float(value)
     if isinstance(value, list):
