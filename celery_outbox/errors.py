@@ -107,8 +107,8 @@ class ItemTooLargeError(EventError):
     def __init__(self, event_id: str, size: int, limit: int) -> None:
         super().__init__(
             f"event {event_id!r} is about {size:,} bytes as a DynamoDB item; "
-            f"the limit is {limit:,} bytes. Store large bodies elsewhere (S3) "
-            "and put a reference in the payload."
+            f"DynamoDB's limit is 400 KB ({limit:,} bytes). Store large bodies "
+            "elsewhere (S3) and put a reference in the payload."
         )
         self.event_id = event_id
         self.size = size

@@ -36,7 +36,10 @@ def on_clock(store: OutboxStore, clock: FakeClock | None = None) -> FakeClock:
 def scan(store: OutboxStore, table: str | None = None) -> list[dict[str, Any]]:
     """Every item of the table, strongly consistent, sorted by key."""
     items: list[dict[str, Any]] = []
-    request: dict[str, Any] = {"TableName": table or store.table, "ConsistentRead": True}
+    request: dict[str, Any] = {
+        "TableName": table or store.table,
+        "ConsistentRead": True,
+    }
     while True:
         response = store.client.scan(**request)
         items.extend(response.get("Items", []))
