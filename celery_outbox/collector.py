@@ -118,9 +118,7 @@ def append(collector: Any, actions: Sequence[dict[str, Any]]) -> None:
         TransactionTooLargeError: more than 4 MB would result.
         DuplicateEventError: an event id would appear twice.
     """
-    outbox_tables = {
-        _action_parts(i, a)[1]["TableName"] for i, a in enumerate(actions)
-    }
+    outbox_tables = {_action_parts(i, a)[1]["TableName"] for i, a in enumerate(actions)}
     _append(collector, actions, {t: (ev.ID,) for t in outbox_tables})
 
 

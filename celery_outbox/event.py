@@ -283,7 +283,7 @@ def item_size(item: dict[str, Any]) -> int:
 
 def value_size(value: dict[str, Any]) -> int:
     """Estimate the size of one typed value, as :func:`item_size` does."""
-    (kind, inner), = value.items()
+    ((kind, inner),) = value.items()
     if kind == "S":
         return len(inner.encode("utf-8"))
     if kind == "N":

@@ -72,7 +72,8 @@ def _check(value: Any, path: str, depth: int) -> None:
     if isinstance(value, int):
         if len(str(abs(value))) > _MAX_DIGITS:
             raise PayloadError(
-                path, f"integer has more than {_MAX_DIGITS} digits, "
+                path,
+                f"integer has more than {_MAX_DIGITS} digits, "
                 "which DynamoDB cannot store exactly; send it as a string",
             )
         return
@@ -82,7 +83,8 @@ def _check(value: Any, path: str, depth: int) -> None:
     if isinstance(value, list | dict):
         if depth >= _MAX_NESTING:
             raise PayloadError(
-                path, f"lists and maps are nested more than {_MAX_NESTING} "
+                path,
+                f"lists and maps are nested more than {_MAX_NESTING} "
                 "deep, which DynamoDB refuses",
             )
         if isinstance(value, list):
@@ -121,7 +123,8 @@ def _check_float(value: float, path: str) -> None:
         raise PayloadError(path, f"{value!r} is not a JSON number")
     if value and not 1e-130 <= abs(value) < 1e126:
         raise PayloadError(
-            path, f"{value!r} is outside DynamoDB's number range "
+            path,
+            f"{value!r} is outside DynamoDB's number range "
             "(1e-130 to 1e126 in magnitude)",
         )
 

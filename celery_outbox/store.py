@@ -317,10 +317,14 @@ class OutboxStore(TableSetup, Inspection):
         if retries <= self.config.max_retries:
             logger.warning(
                 "Reclaiming event %r: its lease expired (attempt %d lost)",
-                event_id, retries,
+                event_id,
+                retries,
             )
             return self._lease(
-                event_id, now, condition, values,
+                event_id,
+                now,
+                condition,
+                values,
                 extra_set=", #retry = :retry, #error = :err",
             )
         done = self._update(
@@ -334,7 +338,9 @@ class OutboxStore(TableSetup, Inspection):
             return None
         logger.warning(
             "Event %r (%s) failed: the lease of its last attempt (%d) expired",
-            event_id, item.get(ev.TYPE, {}).get("S"), retries,
+            event_id,
+            item.get(ev.TYPE, {}).get("S"),
+            retries,
         )
         return Outcome.FAILED
 
@@ -496,7 +502,10 @@ class OutboxStore(TableSetup, Inspection):
     def _stale(self, lease: Lease, what: str) -> Outcome:
         logger.info(
             "Ignored %s of event %r: lease %s is no longer live (reclaimed or "
-            "already written back)", what, lease.event.id, lease.token,
+            "already written back)",
+            what,
+            lease.event.id,
+            lease.token,
         )
         return Outcome.STALE
 

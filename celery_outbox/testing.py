@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -156,8 +157,30 @@ class DynamoDBLocal:
         self.stop()
 
 
+class _OneAtATime:
+    """A WSGI app that serves one request at a time.
+
+    moto's server answers each request in a thread of its own and checks a
+    write's condition and applies it in separate steps, so two conditional
+    writes racing for one item can both succeed. DynamoDB makes each
+    conditional write atomic; serving requests one by one restores that.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: Any, start_response: Any) -> list[bytes]:
+        with self.lock:
+            return list(self.app(environ, start_response))
+
+
 class MotoServer:
-    """moto's AWS server in a thread of this process, on a free port."""
+    """moto's AWS server in a thread of this process, on a free port.
+
+    Requests are served one at a time, so conditional writes are atomic as
+    on DynamoDB (see :class:`_OneAtATime`).
+    """
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -173,8 +196,12 @@ class MotoServer:
                 "moto is not installed; pip install 'celery_outbox[embedded]'"
             ) from exc
         fake_credentials()
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self._server = ThreadedMotoServer(
+            ip_address="127.0.0.1", port=self.port, verbose=False
+        )
         self._server.start()
+        wsgi = self._server._server  # werkzeug's server; it calls .app per request
+        wsgi.app = _OneAtATime(wsgi.app)
         _wait_http(self.endpoint_url, 30, None)
         return self
 

@@ -125,8 +125,13 @@ def test_duplicate_within_one_append(offline: OutboxStore) -> None:
 def test_business_items_compared_by_their_key() -> None:
     """A caller's put and update of one item (key learnt from the update) clash."""
     tx = Transaction()
-    tx.update("orders", {"order_id": "o-1"}, "SET #t = :t", names={"#t": "total"},
-              values={":t": 3})
+    tx.update(
+        "orders",
+        {"order_id": "o-1"},
+        "SET #t = :t",
+        names={"#t": "total"},
+        values={":t": 3},
+    )
     with pytest.raises(CollectorError, match="already in this transaction"):
         tx.put("orders", {"order_id": "o-1", "total": 4})
     assert len(tx) == 1
@@ -181,8 +186,11 @@ def test_collecting_refuses_a_non_list() -> None:
 def test_transaction_typed_values() -> None:
     """Transaction helpers turn plain values into DynamoDB's typed ones."""
     tx = Transaction()
-    tx.put("orders", {"order_id": "o-1", "total": 30.4},
-           condition="attribute_not_exists(order_id)")
+    tx.put(
+        "orders",
+        {"order_id": "o-1", "total": 30.4},
+        condition="attribute_not_exists(order_id)",
+    )
     tx.delete("carts", {"cart_id": "c-1"})
     tx.condition_check("users", {"user_id": "u-1"}, "attribute_exists(user_id)")
     put = tx.actions[0]["Put"]

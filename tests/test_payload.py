@@ -145,8 +145,10 @@ json_values = st.recursive(
         lambda f: f == 0 or 1e-130 <= abs(f) < 1e126
     )
     | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(min_size=1), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(min_size=1), children, max_size=4)
+    ),
     max_leaves=12,
 )
 

@@ -196,9 +196,7 @@ def test_transaction_commits_business_items_and_events(store: OutboxStore) -> No
     with outbox.transaction() as tx:
         tx.put(orders, {"order_id": "o-1", "total": 30.4})
         event = outbox.emit("order.created", {"order_id": "o-1"})
-    assert scan(store, orders) == [
-        {"order_id": {"S": "o-1"}, "total": {"N": "30.4"}}
-    ]
+    assert scan(store, orders) == [{"order_id": {"S": "o-1"}, "total": {"N": "30.4"}}]
     assert store.status_of(event.id) is Status.CREATED
 
 
@@ -220,8 +218,7 @@ def test_cancelled_transaction_writes_no_event(store: OutboxStore) -> None:
     orders = orders_table(store)
     store.client.put_item(TableName=orders, Item={"order_id": {"S": "o-1"}})
     with pytest.raises(TransactionCancelledError) as caught, outbox.transaction() as tx:
-        tx.put(orders, {"order_id": "o-1"},
-               condition="attribute_not_exists(order_id)")
+        tx.put(orders, {"order_id": "o-1"}, condition="attribute_not_exists(order_id)")
         outbox.emit("order.created", {"order_id": "o-1"})
     assert caught.value.reasons == ["ConditionalCheckFailed", "None"]
     assert "action 0 (Put on" in str(caught.value)
