@@ -93,7 +93,7 @@ class TestRetry:
     """Operators move failed events back to created."""
 
     def test_retry_report(self, store: OutboxStore) -> None:
-        """A retry reports retried, missing and not-failed ids, and resets the retried."""
+        """A retry reports retried, missing and not-failed ids, and resets retries."""
         clock = on_clock(store)
         failed = fail_events(store, clock, ["a", "a"])
         waiting = Event.new("a.b")
