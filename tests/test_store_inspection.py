@@ -76,13 +76,16 @@ class TestFailedListing:
 
     def test_default_page_is_a_hundred(self, store: OutboxStore) -> None:
         """Without a limit, a page holds 100 failed events, then a cursor."""
-        clock = on_clock(store)
-        batch = [Event.new("a.b", n) for n in range(101)]
-        publish_many(store, batch)
-        for _ in range(3):
-            for lease in store.claim(limit=50).leases:
-                clock.advance(1)
-                store.fail(lease, "boom", final=True)
+        now = on_clock(store).now
+        items = []
+        for n in range(101):
+            item = Event.new("a.b", n).to_item(now)
+            item.update(status={"S": "failed"}, gsiSortKey={"N": str(now - n)})
+            items.append({"PutRequest": {"Item": item}})
+        for start in range(0, len(items), 25):
+            store.client.batch_write_item(
+                RequestItems={store.table: items[start : start + 25]}
+            )
         page = store.failed()
         assert len(page.events) == 100 and page.cursor is not None
         assert len(store.failed(cursor=page.cursor).events) == 1
