@@ -1,4 +1,4 @@
-"""The DynamoDB store: emits and every conditional write of the lifecycle.
+"""The DynamoDB store: every conditional write of the event lifecycle.
 
 ::
 
@@ -13,15 +13,15 @@ condition names the state it expects: the status and, for an ``active``
 event, the lease token. A write whose condition fails lost a race or came
 from a stale lease; it changes nothing and is reported, never raised.
 
-:class:`OutboxStore` gathers the parts: emits and the lifecycle here, table
-set-up in :mod:`celery_outbox.table`, operator calls in
-:mod:`celery_outbox.inspection`, low-level access in :mod:`celery_outbox.dynamo`.
+:class:`OutboxStore` gathers the parts: the lifecycle here, emits in
+:mod:`celery_outbox.emit`, table set-up in :mod:`celery_outbox.table`,
+operator calls in :mod:`celery_outbox.inspection`, and low-level access in
+:mod:`celery_outbox.dynamo`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from celery.utils.log import get_logger
 
-from celery_outbox import collector as collectors
 from celery_outbox import event as ev
 from celery_outbox.config import Completion
 from celery_outbox.dynamo import (
@@ -40,13 +39,8 @@ from celery_outbox.dynamo import (
     placeholders,
     wall_clock_ms,
 )
-from celery_outbox.errors import (
-    ArgumentError,
-    EventError,
-    EventExistsError,
-    ItemTooLargeError,
-    TransactionCancelledError,
-)
+from celery_outbox.emit import Emits
+from celery_outbox.errors import ArgumentError
 from celery_outbox.event import Event, Lease, Status
 from celery_outbox.inspection import FailedPage, Inspection, RetryReport, Stats
 from celery_outbox.table import TableSetup
@@ -96,7 +90,7 @@ def _check_lease(lease: Any) -> Lease:
     return lease
 
 
-class OutboxStore(TableSetup, Inspection):
+class OutboxStore(Emits, TableSetup, Inspection):
     """Outbox events in one DynamoDB table, moved through their lifecycle.
 
     Args:
@@ -108,122 +102,6 @@ class OutboxStore(TableSetup, Inspection):
 
     def __repr__(self) -> str:
         return f"<OutboxStore table={self.table!r} index={self.index!r}>"
-
-    # -- emit ---------------------------------------------------------------
-
-    def put_action(self, event: Event) -> dict[str, Any]:
-        """The ``TransactWriteItems`` action that creates ``event``, due now.
-
-        Its condition refuses to overwrite an event with the same id.
-
-        Raises:
-            EventError: ``event`` is not an :class:`Event`.
-            PayloadError: the payload holds a value that is not JSON.
-            ItemTooLargeError: the item exceeds DynamoDB's 400 KB.
-        """
-        if not isinstance(event, Event):
-            raise EventError(
-                f"expected an Event (see Event.new), got {type(event).__name__}"
-            )
-        item = event.to_item(self.clock())
-        size = ev.item_size(item)
-        if size > ev.ITEM_LIMIT:
-            raise ItemTooLargeError(event.id, size, ev.ITEM_LIMIT)
-        return {
-            "Put": {
-                "TableName": self.table,
-                "Item": item,
-                "ConditionExpression": "attribute_not_exists(#id)",
-                "ExpressionAttributeNames": {"#id": ev.ID},
-            }
-        }
-
-    def publish(self, events: Sequence[Event]) -> None:
-        """Write ``events`` now, all or none; an existing id is never overwritten.
-
-        One event is one ``PutItem``; several are one ``TransactWriteItems``,
-        so at most 100 and 4 MB in all. Every check runs before the write.
-
-        Raises:
-            EventError: an event is invalid (see :meth:`put_action`).
-            CollectorError: the events break a transaction limit, or one id
-                appears twice.
-            EventExistsError: an id is already stored; nothing was written.
-        """
-        events = list(events)
-        actions = [self.put_action(e) for e in events]
-        collectors.append([], actions)
-        if len(actions) == 1:
-            self._put_one(events[0], actions[0]["Put"])
-        elif actions:
-            self.commit(actions)
-
-    def _put_one(self, event: Event, put: dict[str, Any]) -> None:
-        try:
-            self.client.put_item(**put)
-        except ClientError as exc:
-            if error_code(exc) != CONDITION_FAILED:
-                raise self._error("put", exc) from exc
-            # botocore resends a put whose answer was lost; finding our own
-            # event there is success, not a collision.
-            if not self._is_same_event(event):
-                raise EventExistsError([event.id]) from None
-        except BotoCoreError as exc:
-            raise self._error("put", exc) from exc
-
-    def _is_same_event(self, event: Event) -> bool:
-        found = self.get_item(event.id)
-        if found is None:
-            return False
-        stored = Event.from_item(found)
-        return (stored.type, stored.occurred_at, stored.payload) == (
-            event.type,
-            event.occurred_at,
-            event.payload,
-        )
-
-    def commit(self, actions: Sequence[dict[str, Any]]) -> None:
-        """Run ``actions`` (events and the caller's own) as one transaction.
-
-        The limits are checked before anything is sent. A client request
-        token makes botocore's resends safe: DynamoDB applies it once.
-
-        Raises:
-            CollectorError: the actions break a transaction limit.
-            EventExistsError: an outbox event's id already exists.
-            TransactionCancelledError: DynamoDB cancelled the transaction for
-                another reason (a condition of the caller's, say).
-        """
-        actions = list(actions)
-        collectors.check(actions, keys={self.table: (ev.ID,)})
-        if not actions:
-            return
-        reasons = self._transact(actions)
-        if reasons is None:
-            return
-        exists = [
-            _action_id(actions[i])
-            for i, reason in enumerate(reasons)
-            if reason == "ConditionalCheckFailed" and self._is_event_put(actions[i])
-        ]
-        if exists:
-            raise EventExistsError(exists)
-        faults = ", ".join(
-            f"action {i} ({next(iter(actions[i]))} on "
-            f"{next(iter(actions[i].values()))['TableName']!r}): {reason}"
-            for i, reason in enumerate(reasons)
-            if reason != "None" and i < len(actions)
-        )
-        raise TransactionCancelledError(
-            f"DynamoDB cancelled the transaction of {len(actions)} actions; "
-            f"nothing was written. {faults or 'No reason was given'}",
-            reasons,
-        )
-
-    def _is_event_put(self, action: dict[str, Any]) -> bool:
-        put = action.get("Put") or {}
-        item = put.get("Item", {})
-        return bool(put.get("TableName") == self.table and ev.STATUS in item)
 
     # -- claim --------------------------------------------------------------
 
@@ -518,9 +396,3 @@ class OutboxStore(TableSetup, Inspection):
         text = " ".join(text.split())  # one line, whatever the traceback held
         limit = self.config.max_error_chars
         return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _action_id(action: dict[str, Any]) -> str:
-    (body,) = action.values()
-    key = body.get("Item") or body.get("Key") or {}
-    return str(key.get(ev.ID, {}).get("S", "?"))
