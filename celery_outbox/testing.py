@@ -232,13 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         port = int(args[1]) if len(args) > 1 else 8000
         with DynamoDBLocal(port) as local:
-            print(f"DynamoDB Local at {local.endpoint_url}; Ctrl-C stops it", flush=True)
+            print(
+                f"DynamoDB Local at {local.endpoint_url}; Ctrl-C stops it", flush=True
+            )
             try:
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 return 0
-    print("usage: python -m celery_outbox.testing install | serve [PORT]", file=sys.stderr)
+    print(
+        "usage: python -m celery_outbox.testing install | serve [PORT]",
+        file=sys.stderr,
+    )
     return 2
 
 

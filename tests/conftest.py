@@ -56,7 +56,9 @@ def ddb_local_endpoint() -> Iterator[str]:
         local.stop()
 
 
-@pytest.fixture(params=["moto", "dynamodb-local"])
+@pytest.fixture(
+    params=["moto", pytest.param("dynamodb-local", marks=pytest.mark.integration)]
+)
 def endpoint(request: pytest.FixtureRequest) -> str:
     """Each backend in turn: every store test runs on both."""
     name = "moto_endpoint" if request.param == "moto" else "ddb_local_endpoint"
