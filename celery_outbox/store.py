@@ -193,18 +193,21 @@ class OutboxStore(Emits, TableSetup, Inspection):
         values[":retry"] = {"N": str(retries)}
         values[":err"] = {"S": self.short_error(lost)}
         if retries <= self.config.max_retries:
-            logger.warning(
-                "Reclaiming event %r: its lease expired (attempt %d lost)",
-                event_id,
-                retries,
-            )
-            return self._lease(
+            lease = self._lease(
                 event_id,
                 now,
                 condition,
                 values,
                 extra_set=", #retry = :retry, #error = :err",
             )
+            if lease is not None:
+                logger.warning(
+                    "Reclaimed event %r: its lease expired, so attempt %d counts "
+                    "as failed; running it again",
+                    event_id,
+                    retries,
+                )
+            return lease
         done = self._update(
             event_id,
             "SET #status = :failed, #sk = :now, #retry = :retry, #error = :err "
