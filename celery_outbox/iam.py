@@ -13,26 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_outbox.config import OutboxConfig
+from celery_outbox.config import Completion, OutboxConfig
 
-__all__ = [
-    "INDEX_ACTIONS",
-    "SETUP_ACTIONS",
-    "TABLE_ACTIONS",
-    "iam_actions",
-    "policy",
-]
-
-TABLE_ACTIONS = (
-    "dynamodb:BatchWriteItem",  # purge of kept completed events
-    "dynamodb:DeleteItem",  # completion when completed events are deleted
-    "dynamodb:DescribeTable",  # check, and waiting for a new table
-    "dynamodb:DescribeTimeToLive",  # check, when completed events are kept
-    "dynamodb:GetItem",  # confirming a resent put, operator retries
-    "dynamodb:PutItem",  # emits, alone or inside a transaction
-    "dynamodb:UpdateItem",  # claims and every write-back
-)
-"""Actions on the table's items and description, for producers and workers."""
+__all__ = ["INDEX_ACTIONS", "SETUP_ACTIONS", "policy", "table_actions"]
 
 INDEX_ACTIONS = ("dynamodb:Query",)
 """Every read of events goes through the status index."""
@@ -40,29 +23,30 @@ INDEX_ACTIONS = ("dynamodb:Query",)
 SETUP_ACTIONS = ("dynamodb:CreateTable", "dynamodb:UpdateTimeToLive")
 """Only ``create-table`` needs these; leave them out of runtime roles."""
 
-# The parts of a transaction, and the IAM action each is authorised as.
-_TRANSACT_PARTS = {
-    "Put": "dynamodb:PutItem",
-    "Update": "dynamodb:UpdateItem",
-    "Delete": "dynamodb:DeleteItem",
-    "ConditionCheck": "dynamodb:ConditionCheckItem",
+_ALWAYS = (
+    "dynamodb:DescribeTable",  # check, and waiting for a new table
+    "dynamodb:GetItem",  # confirming a resent put, operator retries
+    "dynamodb:PutItem",  # emits, alone or inside a transaction
+    "dynamodb:UpdateItem",  # claims and every write-back
+)
+_BY_COMPLETION = {
+    Completion.DELETE: ("dynamodb:DeleteItem",),  # completion deletes
+    Completion.KEEP: (
+        "dynamodb:BatchWriteItem",  # purge of kept completed events
+        "dynamodb:DescribeTimeToLive",  # check: kept events need the TTL
+    ),
 }
 
 
-def iam_actions(operation: str, params: dict[str, Any], table: str) -> set[str]:
-    """The IAM actions a DynamoDB API call needs on ``table``.
+def table_actions(config: OutboxConfig, *, setup: bool = False) -> list[str]:
+    """The actions on the table ``config`` needs, sorted.
 
-    ``operation`` is the API name (``PutItem``); ``params`` its request.
-    Parts of a transaction on other tables are the caller's and not counted.
+    They depend on ``completion``: deleting completed events needs
+    ``DeleteItem``; keeping them needs the purge's ``BatchWriteItem`` and the
+    TTL check's ``DescribeTimeToLive`` instead.
     """
-    if operation != "TransactWriteItems":
-        return {f"dynamodb:{operation}"}
-    actions = set()
-    for part in params.get("TransactItems", []):
-        for kind, body in part.items():
-            if body.get("TableName") == table:
-                actions.add(_TRANSACT_PARTS[kind])
-    return actions
+    actions = _ALWAYS + _BY_COMPLETION[config.completion]
+    return sorted(actions + (SETUP_ACTIONS if setup else ()))
 
 
 def policy(
@@ -84,14 +68,13 @@ def policy(
     table_arn = (
         f"arn:{partition}:dynamodb:{region}:{account}:table/{config.table_name}"
     )
-    table_actions = sorted(TABLE_ACTIONS + (SETUP_ACTIONS if setup else ()))
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
                 "Sid": "OutboxTable",
                 "Effect": "Allow",
-                "Action": table_actions,
+                "Action": table_actions(config, setup=setup),
                 "Resource": table_arn,
             },
             {
