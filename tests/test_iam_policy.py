@@ -72,7 +72,8 @@ class Recorder:
             for table in body["RequestItems"]:
                 self._add("dynamodb:BatchWriteItem", table, None)
         else:
-            self._add(f"dynamodb:{model.name}", body["TableName"], body.get("IndexName"))
+            action = f"dynamodb:{model.name}"
+            self._add(action, body["TableName"], body.get("IndexName"))
 
     def _add(self, action: str, table: str, index: str | None) -> None:
         if table not in self.tables:
