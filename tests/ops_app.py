@@ -25,7 +25,6 @@ app = Celery(
 app.conf.update(
     task_default_queue=os.environ.get("OPS_QUEUE", "celery"),
     worker_send_task_events=True,
-    worker_hijack_root_logger=False,
     outbox_table_name=os.environ["OPS_TABLE"],
     outbox_endpoint_url=os.environ["OPS_ENDPOINT"],
     outbox_completion="keep",
@@ -41,4 +40,4 @@ def order_created(event: Any) -> None:
     """Fail while the flag file exists; succeed otherwise."""
     flag = os.environ.get("OPS_FAIL_FLAG")
     if flag and Path(flag).exists():
-        raise RuntimeError(f"card declined for {event.payload.get('email')}")
+        raise RuntimeError(f"card declined for order {event.id}")
