@@ -77,9 +77,10 @@ def services(
 ) -> Iterator[dict[str, Any]]:
     """A table, a worker with beat, and Flower, all for this test alone."""
     table = f"flower-{uuid.uuid4().hex[:10]}"
-    store = OutboxStore(
-        OutboxConfig(table_name=table, endpoint_url=ddb_local_endpoint, completion="keep")
+    config = OutboxConfig(
+        table_name=table, endpoint_url=ddb_local_endpoint, completion="keep"
     )
+    store = OutboxStore(config)
     store.create_table()
     flag = tmp_path / "fail"
     flag.touch()
