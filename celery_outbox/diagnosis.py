@@ -3,11 +3,17 @@
 Each finding is a :class:`Finding`. A *problem* means the outbox cannot work
 as configured or may run an event twice; a *warning* means a setting an
 operator should look at. The command exits non-zero on problems only.
+
+The settings checks are the worker's start-up checks
+(:func:`celery_outbox.checks.find_problems`) when that module is installed;
+the functions below cover the same ground until then.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,9 +45,25 @@ def diagnose(
 ) -> list[Finding]:
     """Check ``store``'s table and, given the app, its Celery settings."""
     findings = _table(store)
-    if app is not None:
-        findings += _time_limits(store.config, app, handlers or {})
+    if app is None:
+        return findings
+    handlers = handlers or {}
+    try:
+        checks = importlib.import_module("celery_outbox.checks")
+    except ImportError:
+        findings += _time_limits(store.config, app, handlers)
         findings += _visibility(store.config, app)
+    else:
+        subject = SimpleNamespace(app=app, handlers=handlers, config=store.config)
+        findings += [
+            Finding(str(p.level) == "error", f"{p.setting}: {p.message}")
+            for p in checks.find_problems(subject)
+        ]
+    if not handlers:
+        findings.append(Finding(False, (
+            "no outbox handlers are registered in this app; the drain will mark "
+            "every event failed (import the modules that declare them)"
+        )))
     return findings
 
 
@@ -78,11 +100,6 @@ def _time_limits(
                 "a run that long may be reclaimed and run twice; lower the time "
                 "limit or raise the lease"
             )))
-    if not handlers:
-        findings.append(Finding(False, (
-            "no outbox handlers are registered in this app; the drain will mark "
-            "every event failed (import the modules that declare them)"
-        )))
     return findings
 
 
