@@ -42,7 +42,7 @@ import click
 from botocore.exceptions import BotoCoreError, ClientError
 
 from celery_outbox import diagnosis, iam, management, settings
-from celery_outbox.errors import ConfigError, EventError, OutboxError
+from celery_outbox.errors import OutboxError
 from celery_outbox.outbox import Outbox
 
 __all__ = [
@@ -91,10 +91,11 @@ def _handled(fn: F) -> F:
             raise
         except _Fail as exc:
             message, code = str(exc), exc.code
-        except (ConfigError, EventError) as exc:
-            message, code = str(exc), EXIT_USAGE
         except OutboxError as exc:
-            message, code = str(exc), EXIT_ERROR
+            # The outbox raises bad input (a setting, a cursor, an id) as
+            # errors that are also ValueErrors; the rest come from DynamoDB.
+            message = str(exc)
+            code = EXIT_USAGE if isinstance(exc, ValueError) else EXIT_ERROR
         except (BotoCoreError, ClientError) as exc:
             message, code = f"DynamoDB: {exc}", EXIT_ERROR
         except Exception as exc:

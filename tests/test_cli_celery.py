@@ -138,7 +138,8 @@ def test_failed(ready: Runner) -> None:
     assert ready("failed", "--limit", "0").returncode == 2
     bad_cursor = ready("failed", "--cursor", "junk")
     assert bad_cursor.returncode == 2
-    assert one_error(bad_cursor).startswith("Error: cursor 'junk' is not one")
+    assert one_error(bad_cursor).startswith("Error: ")
+    assert "cursor" in one_error(bad_cursor) and "junk" in one_error(bad_cursor)
 
 
 def test_retry(ready: Runner) -> None:
