@@ -244,7 +244,10 @@ def main(
 @click.command()
 @click.option("--type", "event_type", help="Only events of this type.")
 @click.option(
-    "--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
     help="Events per page.",
 )
 @click.option("--cursor", help="Where the previous page ended.")
@@ -312,8 +315,10 @@ def retry(
     of_type = f" of type {event_type!r}" if event_type else ""
     question = f"Retry {len(chosen)} {what}{of_type} in table {store.table!r}?"
     if not yes and not _confirm(question):
-        _fail("not confirmed; nothing was retried (pass --yes to skip the question)",
-              EXIT_ABORTED)
+        _fail(
+            "not confirmed; nothing was retried (pass --yes to skip the question)",
+            EXIT_ABORTED,
+        )
     report = store.retry(chosen)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
@@ -361,9 +366,7 @@ def create_table(ctx: click.Context) -> None:
     created = store.create_table()
     store.verify_table()
     if created:
-        click.echo(
-            f"Created table {store.table!r} with index {store.index!r} and TTL."
-        )
+        click.echo(f"Created table {store.table!r} with index {store.index!r} and TTL.")
     else:
         click.echo(f"Table {store.table!r} already exists and is laid out right.")
 
@@ -374,9 +377,7 @@ def create_table(ctx: click.Context) -> None:
 def check(ctx: click.Context) -> None:
     """Check the table, index and TTL, and settings that clash with the lease."""
     chosen = _outbox(ctx)
-    findings = diagnosis.diagnose(
-        chosen.store, app=_app(ctx), handlers=chosen.handlers
-    )
+    findings = diagnosis.diagnose(chosen.store, app=_app(ctx), handlers=chosen.handlers)
     for finding in findings:
         label = "PROBLEM" if finding.problem else "WARNING"
         click.echo(f"{label}: {finding.message}", err=finding.problem)
@@ -388,13 +389,23 @@ def check(ctx: click.Context) -> None:
 
 
 @click.command("iam-policy")
-@click.option("--region", "policy_region", default="*", show_default=True,
-              help="The table's region.")
+@click.option(
+    "--region",
+    "policy_region",
+    default="*",
+    show_default=True,
+    help="The table's region.",
+)
 @click.option("--account", default="*", show_default=True, help="The AWS account id.")
-@click.option("--partition", default="aws", show_default=True,
-              type=click.Choice(["aws", "aws-cn", "aws-us-gov"]))
-@click.option("--create-table", "setup", is_flag=True,
-              help="Also grant what create-table needs.")
+@click.option(
+    "--partition",
+    default="aws",
+    show_default=True,
+    type=click.Choice(["aws", "aws-cn", "aws-us-gov"]),
+)
+@click.option(
+    "--create-table", "setup", is_flag=True, help="Also grant what create-table needs."
+)
 @click.pass_context
 @_handled
 def iam_policy(

@@ -40,6 +40,14 @@ class Finding:
     message: str
 
 
+def _problem(message: str) -> Finding:
+    return Finding(True, message)
+
+
+def _warning(message: str) -> Finding:
+    return Finding(False, message)
+
+
 def diagnose(
     store: OutboxStore, *, app: Any = None, handlers: dict[str, Any] | None = None
 ) -> list[Finding]:
@@ -60,10 +68,12 @@ def diagnose(
             for p in checks.find_problems(subject)
         ]
     if not handlers:
-        findings.append(Finding(False, (
-            "no outbox handlers are registered in this app; the drain will mark "
-            "every event failed (import the modules that declare them)"
-        )))
+        findings.append(
+            _warning(
+                "no outbox handlers are registered in this app; the drain will mark "
+                "every event failed (import the modules that declare them)"
+            )
+        )
     return findings
 
 
@@ -71,8 +81,8 @@ def _table(store: OutboxStore) -> list[Finding]:
     try:
         warnings = store.verify_table()
     except (OutboxError, BotoCoreError) as exc:
-        return [Finding(True, str(exc))]
-    return [Finding(True, w) for w in warnings]
+        return [_problem(str(exc))]
+    return [_problem(w) for w in warnings]
 
 
 def _time_limits(
@@ -88,18 +98,22 @@ def _time_limits(
     for event_type, task in sorted(handlers.items()):
         limit_s = getattr(task, "time_limit", None) or app.conf.task_time_limit
         if limit_s is None:
-            findings.append(Finding(False, (
-                f"handler {task.name!r} ({event_type}) has no time limit: a run "
-                f"longer than the lease ({lease_ms} ms) may be reclaimed and run "
-                "twice; set time_limit below outbox_processing_timeout_ms"
-            )))
+            findings.append(
+                _warning(
+                    f"handler {task.name!r} ({event_type}) has no time limit: a run "
+                    f"longer than the lease ({lease_ms} ms) may be reclaimed and run "
+                    "twice; set time_limit below outbox_processing_timeout_ms"
+                )
+            )
         elif limit_s * 1000 >= lease_ms:
-            findings.append(Finding(True, (
-                f"handler {task.name!r} ({event_type}) has time_limit {limit_s} s, "
-                f"not below the lease (outbox_processing_timeout_ms = {lease_ms}): "
-                "a run that long may be reclaimed and run twice; lower the time "
-                "limit or raise the lease"
-            )))
+            findings.append(
+                _problem(
+                    f"handler {task.name!r} ({event_type}) has time_limit {limit_s} s, "
+                    f"not below the lease (outbox_processing_timeout_ms = {lease_ms}): "
+                    "a run that long may be reclaimed and run twice; lower the time "
+                    "limit or raise the lease"
+                )
+            )
     return findings
 
 
@@ -118,9 +132,11 @@ def _visibility(config: OutboxConfig, app: Any) -> list[Finding]:
     timeout_s = options.get("visibility_timeout", default)
     if timeout_s * 1000 > config.processing_timeout_ms:
         return []
-    return [Finding(True, (
-        f"the broker's visibility_timeout ({timeout_s} s) is not above the lease "
-        f"(outbox_processing_timeout_ms = {config.processing_timeout_ms}): "
-        "an unacknowledged handler message is redelivered while its lease "
-        "lives; raise broker_transport_options['visibility_timeout']"
-    ))]
+    return [
+        _problem(
+            f"the broker's visibility_timeout ({timeout_s} s) is not above the lease "
+            f"(outbox_processing_timeout_ms = {config.processing_timeout_ms}): "
+            "an unacknowledged handler message is redelivered while its lease "
+            "lives; raise broker_transport_options['visibility_timeout']"
+        )
+    ]

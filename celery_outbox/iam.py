@@ -65,9 +65,7 @@ def policy(
         partition: ``aws``, ``aws-cn`` or ``aws-us-gov``.
         setup: also grant what ``create-table`` needs.
     """
-    table_arn = (
-        f"arn:{partition}:dynamodb:{region}:{account}:table/{config.table_name}"
-    )
+    table_arn = f"arn:{partition}:dynamodb:{region}:{account}:table/{config.table_name}"
     return {
         "Version": "2012-10-17",
         "Statement": [

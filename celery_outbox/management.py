@@ -105,11 +105,16 @@ def register(outbox: Outbox) -> None:
             report = outbox.store.retry(ids)
         else:
             report = outbox.store.retry_failed(type=type)
+        if ids:
+            chosen = "given ids"
+        else:
+            chosen = f"failed events of type {type!r}" if type else "all failed events"
         logger.info(
             "Operator retry of %s: %d retried, %d missing, %d not failed",
-            "given ids" if ids else f"failed events of type {type!r}"
-            if type else "all failed events",
-            len(report.retried), len(report.missing), len(report.not_failed),
+            chosen,
+            len(report.retried),
+            len(report.missing),
+            len(report.not_failed),
         )
         return report.as_dict()
 

@@ -303,8 +303,9 @@ class TestIamPolicy:
 
     def test_policy_names_table_and_index(self, app: Celery) -> None:
         """The policy grants item actions on the table and Query on the index."""
-        result = invoke(app, "iam-policy", "--region", "eu-west-1", "--account",
-                        "123456789012")
+        result = invoke(
+            app, "iam-policy", "--region", "eu-west-1", "--account", "123456789012"
+        )
         assert result.exit_code == 0
         table, index = json.loads(result.stdout)["Statement"]
         name = app.conf.outbox_table_name

@@ -48,8 +48,12 @@ class Runner:
         """Run the command; stdin is empty, as in a cron job."""
         return subprocess.run(
             [sys.executable, "-m", "celery", "-A", "ops_app", "outbox", *args],
-            env={**self.env, **env}, input=stdin, capture_output=True, text=True,
-            timeout=120, check=False,
+            env={**self.env, **env},
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
 
     def failed_events(self, *events: Event) -> None:
@@ -188,8 +192,12 @@ def test_console_script(ready: Runner) -> None:
     script = shutil.which("celery-outbox", path=str(Path(sys.executable).parent))
     assert script is not None
     result = subprocess.run(
-        [script, "-A", "ops_app", "stats", "--json"], env=ready.env,
-        capture_output=True, text=True, timeout=120, check=False,
+        [script, "-A", "ops_app", "stats", "--json"],
+        env=ready.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["due"] == 0

@@ -34,7 +34,8 @@ def outbox(moto_endpoint: str) -> Iterator[Outbox]:
 def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
     """The outbox's own records at ``level``."""
     return [
-        r for r in caplog.records
+        r
+        for r in caplog.records
         if r.name.startswith("celery_outbox") and r.levelno == level
     ]
 
@@ -45,8 +46,11 @@ def test_idle_drain_logs_nothing(
     """A drain that finds nothing due writes no log line at INFO or above."""
     caplog.set_level(logging.DEBUG)
     outbox.drain()
-    assert [r for r in caplog.records if r.name.startswith("celery_outbox")
-            and r.levelno >= logging.INFO] == []
+    assert [
+        r
+        for r in caplog.records
+        if r.name.startswith("celery_outbox") and r.levelno >= logging.INFO
+    ] == []
 
 
 def test_busy_drain_logs_one_info_line(
@@ -71,12 +75,18 @@ def test_failures_log_a_warning_with_event_type_attempt_and_error(
     outbox.drain()
     warnings = [r.message for r in records(caplog, logging.WARNING)]
     assert any(
-        repr(failing.id) in m and "(order.created)" in m and "attempt 1" in m
-        and "ValueError: card declined" in m for m in warnings
+        repr(failing.id) in m
+        and "(order.created)" in m
+        and "attempt 1" in m
+        and "ValueError: card declined" in m
+        for m in warnings
     ), warnings
     assert any(
-        repr(orphan.id) in m and "(order.unknown)" in m and "attempt 1" in m
-        and "no handler is registered" in m for m in warnings
+        repr(orphan.id) in m
+        and "(order.unknown)" in m
+        and "attempt 1" in m
+        and "no handler is registered" in m
+        for m in warnings
     ), warnings
 
 

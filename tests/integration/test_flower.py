@@ -51,7 +51,10 @@ class Process:
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                args,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
@@ -98,13 +101,29 @@ def services(
     }
     celery = [sys.executable, "-m", "celery", "-A", "ops_app"]
     worker = Process(
-        [*celery, "worker", "-B", "-s", str(tmp_path / "beat"), "-P", "solo", "-E",
-         "-Q", queue_name, "-n", f"{queue_name}@%h", "-l", "INFO"],
-        env, tmp_path / "worker.log",
+        [
+            *celery,
+            "worker",
+            "-B",
+            "-s",
+            str(tmp_path / "beat"),
+            "-P",
+            "solo",
+            "-E",
+            "-Q",
+            queue_name,
+            "-n",
+            f"{queue_name}@%h",
+            "-l",
+            "INFO",
+        ],
+        env,
+        tmp_path / "worker.log",
     )
     flower = Process(
         [*celery, "flower", f"--port={port}", "--address=127.0.0.1"],
-        env, tmp_path / "flower.log",
+        env,
+        tmp_path / "flower.log",
     )
     try:
         yield {
