@@ -102,6 +102,14 @@ class OutboxConfig:
     handler_queue: str | None = None
     """Queue for handler tasks that name none of their own."""
 
+    payload_repr: str = "redact"
+    """How task argument reprs (Flower, logs) show payloads: ``redact`` keeps
+    only the keys, ``truncate`` cuts the repr, ``full`` shows it (see
+    :mod:`celery_outbox.redaction`)."""
+
+    payload_repr_chars: int = 200
+    """The longest payload repr shown in ``redact`` and ``truncate`` modes."""
+
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """Options that are not the outbox's own, kept for integrations."""
 
@@ -138,6 +146,12 @@ class OutboxConfig:
             "retention_ms",
         ):
             _whole(name, getattr(self, name), unit="milliseconds")
+        _whole("payload_repr_chars", self.payload_repr_chars, minimum=20)
+        if self.payload_repr not in ("redact", "truncate", "full"):
+            raise ConfigError(
+                "payload_repr",
+                f"expected 'redact', 'truncate' or 'full', got {self.payload_repr!r}",
+            )
         if self.batch_size > 1000:
             raise ConfigError(
                 "batch_size", f"must be at most 1000, got {self.batch_size}"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.log import get_task_logger
 
-from celery_outbox import handlers
+from celery_outbox import handlers, management, redaction
 from celery_outbox.errors import HandlerError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -44,6 +44,7 @@ def install(outbox: Outbox) -> None:
         return drain(outbox)
 
     outbox.drain_task = drain_task
+    management.register(outbox)
 
     @app.on_after_configure.connect(weak=False)  # type: ignore[untyped-decorator]
     def schedule_drain(sender: Any, **kwargs: Any) -> None:
@@ -136,13 +137,19 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
         )
         if outbox.store.fail(lease, error, final=True) is not Outcome.STALE:
             logger.warning(
-                "Event %r (%s) failed: no handler for its type", event.id, event.type
+                "Event %r (%s) attempt %d failed: %s",
+                event.id, event.type, event.attempt, error,
             )
         return "failed"
     try:
         task.apply_async(
             args=[event.as_dict()],
             task_id=task_id(lease),
+            # Flower and the worker's log show these instead of the payload.
+            argsrepr=redaction.task_argsrepr(
+                event, outbox.config.payload_repr, outbox.config.payload_repr_chars
+            ),
+            kwargsrepr="{}",
             headers={
                 handlers.HEADER_EVENT_ID: event.id,
                 handlers.HEADER_EVENT_TYPE: event.type,

@@ -73,6 +73,8 @@ INVALID: list[tuple[str, Any, str]] = [
     ("completion", "archive", "'delete' or 'keep'"),
     ("completion", ["keep"], "'delete' or 'keep'"),
     ("extra", ["not", "a", "mapping"], "mapping"),
+    ("payload_repr", "hide", "'redact', 'truncate' or 'full'"),
+    ("payload_repr_chars", 5, "at least 20"),
 ]
 
 
