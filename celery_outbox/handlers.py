@@ -2,39 +2,71 @@
 
 ``@outbox.handler("order.created")`` registers an ordinary Celery task whose
 base class is :class:`HandlerTask`. The drain sends it one message per
-claimed event; the task's ``on_success`` and ``on_failure`` hooks, which
-Celery runs in the worker right after the task body, write the outcome back
-to DynamoDB under the lease the drain took. A worker that dies mid-task runs
-neither hook: the lease deadline brings the event back.
+claimed event; Celery runs the task's ``on_success``, ``on_retry`` and
+``on_failure`` hooks in the process that ran the task body, right after it,
+and they write the outcome back to DynamoDB under the lease the drain took.
 
-Celery retries inside a handler (``self.retry()``, ``autoretry_for``) become
-outbox retries: the retry waits in DynamoDB (its ``countdown``, or the outbox
-backoff), never as an ETA message in the broker, and counts against the
-outbox's ``max_retries``.
+A worker child that dies mid-task (``SIGKILL``, out of memory, a hard time
+limit) runs none of these hooks in that child; Celery's main process then
+reports the loss, and the hooks ignore those reports. The lease deadline is
+what brings the event back, counted as a failed attempt.
+
+Celery's own retries are the outbox's:
+
+* ``self.retry(exc=..., countdown=...)`` fails this attempt and makes the
+  event due again after ``countdown`` seconds (or ``eta``, or the task's
+  ``default_retry_delay``, or else the outbox backoff). Nothing is sent to
+  the broker: the retry waits in DynamoDB, and the drain dispatches it as
+  the next attempt, with a new task id.
+* ``autoretry_for`` (with ``retry_backoff``, ``retry_kwargs``...) goes
+  through ``self.retry`` and so behaves the same way.
+* ``self.request.retries`` is the number of failed attempts before this
+  one, so Celery's backoff formulas count the outbox's attempts.
+* ``max_retries`` (on the handler, or given to ``self.retry``) can lower the
+  outbox's ``max_retries`` for that handler, never raise it. Past the limit,
+  ``self.retry`` raises the exception (or ``MaxRetriesExceededError``) and
+  the event ends ``failed``.
+* Any other exception is a failed attempt with the outbox backoff.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
+import numbers
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import (
+    Ignore,
+    Retry,
+    Terminated,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
 from celery.utils.log import get_task_logger
 
+from celery_outbox.errors import OutboxError
 from celery_outbox.event import Event, Lease
 from celery_outbox.store import Outcome
 
 if TYPE_CHECKING:
     from celery_outbox.outbox import Outbox
 
-__all__ = ["HEADER_DEADLINE", "HEADER_LEASE", "HandlerTask", "OutboxRetry"]
+__all__ = [
+    "HEADER_ATTEMPT",
+    "HEADER_DEADLINE",
+    "HEADER_EVENT_ID",
+    "HEADER_EVENT_TYPE",
+    "HEADER_LEASE",
+    "HandlerTask",
+    "OutboxRetry",
+    "wrap",
+]
 
 logger = get_task_logger("celery_outbox.handlers")
-_log = logging.getLogger("celery_outbox.handlers")
 
 HEADER_EVENT_ID = "outbox_event_id"
 HEADER_EVENT_TYPE = "outbox_event_type"
@@ -42,71 +74,74 @@ HEADER_ATTEMPT = "outbox_attempt"
 HEADER_LEASE = "outbox_lease"
 HEADER_DEADLINE = "outbox_deadline"
 
+# Reported by Celery's main process about a child it lost or killed; the
+# child ran no write-back, and the lease brings the event back.
+_LOST = (WorkerLostError, TimeLimitExceeded, Terminated)
 
-class OutboxRetry(Exception):
+
+class OutboxRetry(Retry):  # type: ignore[misc]
     """Raised by :meth:`HandlerTask.retry`: fail this attempt, retry later.
 
-    Celery may pickle it between the pool and the worker, so it carries
-    plain values only.
-
-    Attributes:
-        reason: the error that led to the retry, as ``Type: message``.
-        countdown_s: the delay the handler asked for, or None for the
-            outbox backoff.
+    A :class:`celery.exceptions.Retry`, so workers, events and Flower show
+    the task as ``RETRY``; unlike Celery's, no message is sent: the retry
+    waits in DynamoDB until ``when`` seconds from now (None: the outbox
+    backoff).
     """
-
-    def __init__(self, reason: str, countdown_s: float | None = None) -> None:
-        super().__init__(reason, countdown_s)
-        self.reason = reason
-        self.countdown_s = countdown_s
-
-    def __str__(self) -> str:
-        return self.reason
-
-    @classmethod
-    def from_exception(
-        cls, exc: BaseException | None, countdown_s: float | None
-    ) -> OutboxRetry:
-        """The retry for ``exc`` (None when the handler gave no exception)."""
-        if exc is None:
-            return cls("retry requested by the handler", countdown_s)
-        return cls(f"{type(exc).__name__}: {exc}", countdown_s)
 
 
 class HandlerTask(Task):  # type: ignore[misc]
     """Base class of outbox handler tasks: writes outcomes back to DynamoDB."""
 
-    abstract = True
-    # A requested retry is expected: Celery logs it without a traceback.
-    throws = (OutboxRetry,)
     outbox: Outbox
     event_type: str
 
-    def lease_of(self, args: tuple[Any, ...] | list[Any]) -> Lease | None:
-        """The lease this execution runs under, from the message headers."""
+    #: None: the outbox's ``max_retries`` applies. A number lowers it.
+    max_retries: int | None = None
+    #: None: retries without a countdown wait for the outbox backoff.
+    default_retry_delay: float | None = None
+    #: Celery would resend the message of a lost child with an ETA; the
+    #: outbox's lease deadline is what brings the event back instead.
+    retry_on_worker_lost = False
+
+    def lease_of(self, args: Any) -> Lease | None:
+        """The lease this execution runs under, from the message headers.
+
+        None when the task was not dispatched by a drain (called directly,
+        or sent by hand), so nothing is written back.
+        """
         request = self.request
         token = _header(request, HEADER_LEASE)
         if token is None or not args:
             return None
-        event = Event.from_dict(args[0])
+        event = _event(args[0])
         deadline = int(_header(request, HEADER_DEADLINE) or 0)
         return Lease(event, str(token), deadline, 0)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Skip an attempt whose lease expired while its message waited."""
         lease = self.lease_of(args)
-        if lease is not None and lease.deadline_ms and (
-            self.outbox.store.clock() > lease.deadline_ms
+        if (
+            lease is not None
+            and lease.deadline_ms
+            and (self.outbox.store.clock() > lease.deadline_ms)
         ):
-            # The message waited in the broker past its lease; another drain
-            # may already have reclaimed the event, so running it here could
-            # run it twice. The expired lease brings it back either way.
+            # Another drain may already have reclaimed the event; running it
+            # here could run it twice. The expired lease brings it back.
             logger.warning(
                 "Skipped event %r (attempt %d): its lease expired before the "
-                "task started; it will be reclaimed",
-                lease.event.id, lease.event.attempt,
+                "task started; the next drain reclaims it",
+                lease.event.id,
+                lease.event.attempt,
             )
             raise Ignore()
-        return super().__call__(*args, **kwargs)
+        super().before_start(task_id, args, kwargs)
+
+    def retry_limit(self, max_retries: int | None = None) -> int:
+        """The retries this handler allows: the lowest of the outbox's limit,
+        the task's ``max_retries`` and the one given to :meth:`retry`."""
+        limits = [self.outbox.config.max_retries, self.max_retries, max_retries]
+        limits.append(getattr(self.request, "outbox_max_retries", None))
+        return min(int(n) for n in limits if n is not None)
 
     def retry(
         self,
@@ -114,22 +149,43 @@ class HandlerTask(Task):  # type: ignore[misc]
         kwargs: Any = None,
         exc: BaseException | None = None,
         throw: bool = True,
-        eta: Any = None,
+        eta: datetime | None = None,
         countdown: float | None = None,
         max_retries: int | None = None,
         **options: Any,
-    ) -> OutboxRetry:
-        """Fail this attempt so the outbox retries the event later.
+    ) -> Retry:
+        """Fail this attempt; the outbox dispatches the event again later.
 
-        The retry waits in DynamoDB: ``countdown`` seconds when given,
-        otherwise the outbox backoff. ``max_retries`` is the outbox's.
+        The retry waits in DynamoDB for ``countdown`` seconds (or until
+        ``eta``, or ``default_retry_delay``), or the outbox backoff when
+        none is set. ``args``, ``kwargs`` and other options of Celery's
+        ``retry`` do not apply: the next attempt runs the same event.
+
+        Raises:
+            OutboxRetry: with ``throw`` (the default).
+            BaseException: ``exc`` (or ``MaxRetriesExceededError``) when no
+                retries are left; the event then ends ``failed``.
         """
-        if self.request.called_directly:
-            # Called outside a worker (tests, scripts): behave as Celery does.
-            return super().retry(  # type: ignore[no-any-return]
+        request = self.request
+        if request.called_directly or self.lease_of(request.args) is None:
+            # Not an outbox execution (a test calling it, a hand-sent task).
+            return super().retry(
                 args, kwargs, exc, throw, eta, countdown, max_retries, **options
             )
-        retry = OutboxRetry.from_exception(exc, countdown)
+        if max_retries is not None:
+            request.outbox_max_retries = max_retries
+        if request.retries >= self.retry_limit():
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"event {request.args[0].get('id')!r} has no retries left "
+                f"(attempt {request.retries + 1} of {self.retry_limit() + 1})"
+            )
+        if countdown is None and eta is not None:
+            countdown = (eta - datetime.now(UTC)).total_seconds()
+        if countdown is None:
+            countdown = self.default_retry_delay
+        retry = OutboxRetry(exc=exc, when=countdown)
         if throw:
             raise retry
         return retry
@@ -137,69 +193,132 @@ class HandlerTask(Task):  # type: ignore[misc]
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """Complete the event under this execution's lease."""
         lease = self.lease_of(args)
-        if lease is None:
-            return
-        outcome = self.outbox.store.complete(lease)
-        if outcome is Outcome.COMPLETED:
-            logger.debug("Completed event %r (%s)", lease.event.id, self.event_type)
+        if lease is not None:
+            outcome = self._write_back(lease, "completion", self.outbox.store.complete)
+            if outcome is Outcome.COMPLETED:
+                logger.debug("Completed event %r (%s)", lease.event.id, self.event_type)
+        super().on_success(retval, task_id, args, kwargs)
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Make the event due again after the retry's delay."""
+        lease = self.lease_of(args)
+        reason = getattr(einfo, "exception", None)
+        if not isinstance(reason, Retry):
+            # billiard wraps the exception with its traceback
+            reason = getattr(reason, "exc", None)
+        if lease is not None and isinstance(reason, Retry):
+            error: str | BaseException = (
+                exc if exc is not None else reason.message or "retry requested"
+            )
+            self._fail(lease, error, delay_ms=_delay_ms(reason.when))
+        super().on_retry(exc, task_id, args, kwargs, einfo)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        """Reschedule or fail the event under this execution's lease."""
+        """Reschedule the event with backoff, or fail it when no retries are left."""
         lease = self.lease_of(args)
-        if lease is None or isinstance(exc, (Ignore, Reject)):
-            return
-        delay_ms = None
-        error: str | BaseException = exc
-        if isinstance(exc, OutboxRetry):
-            error = exc.reason
-            if exc.countdown_s is not None:
-                delay_ms = max(0, round(exc.countdown_s * 1000))
-        outcome = self.outbox.store.fail(lease, error, delay_ms=delay_ms)
-        if outcome is Outcome.STALE:
+        if lease is not None and not isinstance(exc, _LOST):
+            final = lease.retry_count + 1 > self.retry_limit()
+            self._fail(lease, exc, final=final)
+        super().on_failure(exc, task_id, args, kwargs, einfo)
+
+    def _fail(
+        self,
+        lease: Lease,
+        error: str | BaseException,
+        *,
+        delay_ms: int | None = None,
+        final: bool = False,
+    ) -> None:
+        store = self.outbox.store
+
+        def write(lease: Lease) -> Outcome:
+            return store.fail(lease, error, delay_ms=delay_ms, final=final)
+
+        outcome = self._write_back(lease, "failure", write)
+        if outcome in (None, Outcome.STALE):
             return
         logger.warning(
             "Event %r (%s) attempt %d failed: %s; %s",
-            lease.event.id, self.event_type, lease.event.attempt,
-            self.outbox.store.short_error(error),
-            "no retries left, now failed" if outcome is Outcome.FAILED
-            else "will be retried",
+            lease.event.id,
+            self.event_type,
+            lease.event.attempt,
+            store.short_error(error),
+            "no retries left, now failed"
+            if outcome is Outcome.FAILED
+            else "it will be retried",
         )
+
+    def _write_back(
+        self, lease: Lease, what: str, write: Callable[[Lease], Outcome]
+    ) -> Outcome | None:
+        try:
+            return write(lease)
+        except OutboxError as exc:
+            # The outcome is lost, not the event: the lease expires and the
+            # next drain reclaims it, counted as a failed attempt.
+            logger.error(
+                "Could not write back the %s of event %r (attempt %d): %s; the "
+                "event is reclaimed when its lease expires",
+                what,
+                lease.event.id,
+                lease.event.attempt,
+                exc,
+            )
+            return None
 
 
 def _header(request: Any, name: str) -> Any:
-    # Custom message headers appear as request attributes and, depending on
-    # the Celery version and protocol, under request.headers too.
-    value = getattr(request, name, None)
-    if value is None:
-        headers = getattr(request, "headers", None) or {}
-        value = headers.get(name)
-    return value
+    # Celery 5 puts custom message headers in request.headers and also sets
+    # them as request attributes; read either.
+    headers = getattr(request, "headers", None) or {}
+    value = headers.get(name)
+    return getattr(request, name, None) if value is None else value
+
+
+def _event(value: Any) -> Event:
+    return value if isinstance(value, Event) else Event.from_dict(value)
+
+
+def _delay_ms(when: Any) -> int | None:
+    """The retry delay in ms from a Retry's ``when`` (seconds or a datetime)."""
+    if isinstance(when, datetime):
+        moment = when if when.tzinfo else when.replace(tzinfo=UTC)
+        return max(0, round((moment - datetime.now(UTC)).total_seconds() * 1000))
+    if isinstance(when, numbers.Real) and not isinstance(when, bool):
+        return max(0, round(float(when) * 1000))
+    return None
 
 
 def wrap(fn: Callable[..., Any], *, bind: bool) -> Callable[..., Any]:
-    """Wrap a handler so it receives an :class:`Event` instead of a dict."""
+    """Wrap a handler so it receives an :class:`Event` instead of a dict.
+
+    Calling the task directly with an :class:`Event` works too, for tests.
+    """
     if bind:
 
         @functools.wraps(fn)
-        def bound(self: Any, event: dict[str, Any]) -> Any:
-            return fn(self, Event.from_dict(event))
+        def bound(self: Any, event: Any) -> Any:
+            return fn(self, _event(event))
 
-        bound.__signature__ = _signature(fn, bind=True)  # type: ignore[attr-defined]
+        bound.__signature__ = _signature(bind=True)  # type: ignore[attr-defined]
         return bound
 
     @functools.wraps(fn)
-    def plain(event: dict[str, Any]) -> Any:
-        return fn(Event.from_dict(event))
+    def plain(event: Any) -> Any:
+        return fn(_event(event))
 
-    plain.__signature__ = _signature(fn, bind=False)  # type: ignore[attr-defined]
+    plain.__signature__ = _signature(bind=False)  # type: ignore[attr-defined]
     return plain
 
 
-def _signature(fn: Callable[..., Any], *, bind: bool) -> inspect.Signature:
+def _signature(*, bind: bool) -> inspect.Signature:
     # Celery checks call arguments against the signature; ours is fixed.
-    params = [inspect.Parameter("event", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("event", kind)]
     if bind:
-        params.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        params.insert(0, inspect.Parameter("self", kind))
     return inspect.Signature(params)

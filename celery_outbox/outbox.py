@@ -15,8 +15,10 @@
         outbox.emit("order.created", {"order_id": "o-1"})
 
 ``Outbox(app)`` registers the ``outbox_*`` settings' defaults, the
-``celery_outbox.drain`` task and its beat entry, and the management tasks.
-Without an app it is a producer only: emit and inspect, no handlers.
+``celery_outbox.drain`` task and its beat entry (unless the app's
+``beat_schedule`` already runs that task), and the start-up checks that run
+when a worker starts (:mod:`celery_outbox.checks`). Without an app it is a
+producer only: emit and inspect, no handlers.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class Outbox:
     ) -> None:
         self.app = app
         if app is not None:
-            app.add_defaults(settings.defaults())
+            settings.install(app)
         self._config = config
         self._options = options
         if config is not None and options:
@@ -79,13 +81,15 @@ class Outbox:
         self._lock = threading.Lock()
         self.handlers: dict[str, Any] = {}
         self.drain_task: Any = None
+        self.receivers: list[Callable[..., Any]] = []
         if app is not None:
             from celery_outbox import tasks
 
             tasks.install(self)
 
     def __repr__(self) -> str:
-        return f"<Outbox table={self.config.table_name!r} handlers={sorted(self.handlers)}>"
+        table = self.config.table_name
+        return f"<Outbox table={table!r} handlers={sorted(self.handlers)}>"
 
     # -- configuration and store -------------------------------------------
 
@@ -111,7 +115,9 @@ class Outbox:
             with self._lock:
                 if self._store is None or self._store_pid != pid:
                     client = self._client if self._store_pid in (0, pid) else None
-                    self._store = OutboxStore(self.config, client=client, clock=self._clock)
+                    self._store = OutboxStore(
+                        self.config, client=client, clock=self._clock
+                    )
                     self._store_pid = pid
         return self._store
 
@@ -193,16 +199,31 @@ class Outbox:
 
     # -- handlers ------------------------------------------------------------
 
-    def handler(self, event_type: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+    def handler(
+        self, event_type: str, **options: Any
+    ) -> Callable[[Callable[..., Any]], Any]:
         """Register the decorated function as the Celery task for ``event_type``.
 
         ``options`` are Celery task options (``bind``, ``queue``,
-        ``time_limit``...) with their usual meaning. The function receives an
-        :class:`Event` (after ``self`` with ``bind=True``). The task's name
-        defaults to Celery's usual name for the function.
+        ``time_limit``, ``autoretry_for``, ``base``...) with their usual
+        meaning; see :mod:`celery_outbox.handlers` for how Celery's retries
+        become the outbox's. The function receives an :class:`Event` (after
+        ``self`` with ``bind=True``) with its ``attempt`` number. The task's
+        name defaults to Celery's usual name for the function.
+
+        Raises:
+            HandlerError: a producer-only outbox, a type that already has a
+                handler, or an option that contradicts the outbox.
         """
         if self.app is None:
-            raise HandlerError("a producer-only outbox has no handlers; pass a Celery app")
+            raise HandlerError(
+                "a producer-only outbox has no handlers; pass a Celery app"
+            )
+        if not isinstance(event_type, str):
+            raise HandlerError(
+                "outbox.handler takes the event type first, as in "
+                f"@outbox.handler('order.created'); got {event_type!r}"
+            )
         Event.new(event_type)  # validates the type the way emits do
         if event_type in self.handlers:
             raise HandlerError(

@@ -12,9 +12,10 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from celery import Task
 from celery.utils.log import get_task_logger
 
-from celery_outbox import handlers, management, redaction
+from celery_outbox import checks, handlers
 from celery_outbox.errors import HandlerError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -28,6 +29,7 @@ logger = get_task_logger("celery_outbox.drain")
 
 DRAIN_TASK = "celery_outbox.drain"
 BEAT_ENTRY = "celery_outbox.drain"
+MIN_DRAIN_EXPIRES_S = 1.0
 
 
 def task_id(lease: Lease) -> str:
@@ -36,7 +38,7 @@ def task_id(lease: Lease) -> str:
 
 
 def install(outbox: Outbox) -> None:
-    """Register the drain task, its beat entry and the management tasks."""
+    """Register the drain task, its beat entry and the start-up checks."""
     app = outbox.app
 
     @app.task(name=DRAIN_TASK, ignore_result=True, shared=False)  # type: ignore[untyped-decorator]
@@ -44,42 +46,62 @@ def install(outbox: Outbox) -> None:
         return drain(outbox)
 
     outbox.drain_task = drain_task
-    management.register(outbox)
+    checks.install(outbox)
 
-    @app.on_after_configure.connect(weak=False)  # type: ignore[untyped-decorator]
-    def schedule_drain(sender: Any, **kwargs: Any) -> None:
-        schedule = sender.conf.beat_schedule
-        if any(
-            entry.get("task") == DRAIN_TASK for entry in (schedule or {}).values()
-        ):
-            return  # the user scheduled it themselves
+    def schedule_drain(sender: Any = None, **kwargs: Any) -> None:
+        schedule = app.conf.beat_schedule or {}
+        if any(entry.get("task") == DRAIN_TASK for entry in schedule.values()):
+            return  # the user scheduled it; their entry wins
         interval_s = outbox.config.poll_interval_ms / 1000
-        sender.add_periodic_task(
+        app.add_periodic_task(
             interval_s,
             drain_task.s(),
             name=BEAT_ENTRY,
             # A drain that waited a whole interval is superseded by the next
-            # one; let it expire instead of piling up behind a busy worker.
-            expires=interval_s,
+            # one: let it expire instead of piling up behind busy workers.
+            # Never under a second, so that a small clock difference between
+            # beat and the workers does not expire every drain.
+            expires=max(interval_s, MIN_DRAIN_EXPIRES_S),
         )
+
+    if app.configured:
+        schedule_drain()
+    else:
+        app.on_after_configure.connect(schedule_drain, weak=False)
 
 
 def register_handler(
     outbox: Outbox, event_type: str, fn: Callable[..., Any], options: dict[str, Any]
 ) -> Any:
-    """Create the Celery task that handles ``event_type`` with ``fn``."""
+    """Create the Celery task that handles ``event_type`` with ``fn``.
+
+    ``options`` are Celery's task options. A ``base`` class is combined with
+    :class:`~celery_outbox.handlers.HandlerTask`, whose hooks run first and
+    then call the base's.
+    """
     options = dict(options)
-    base = options.pop("base", None)
-    bases: tuple[type, ...] = (handlers.HandlerTask,)
-    if base is not None and not issubclass(base, handlers.HandlerTask):
-        bases = (handlers.HandlerTask, base)
-    elif base is not None:
-        bases = (base,)
-    base_cls = type(f"{fn.__name__}_handler", bases, {
-        "outbox": outbox, "event_type": event_type, "abstract": True,
-    })
-    if outbox.config.handler_queue and "queue" not in options:
-        options["queue"] = outbox.config.handler_queue
+    if options.get("retry_on_worker_lost"):
+        raise HandlerError(
+            f"handler for {event_type!r}: retry_on_worker_lost would resend the "
+            "task with an ETA; the outbox's lease brings back the event of a "
+            "lost worker, so leave the option unset"
+        )
+    base = options.pop("base", None) or outbox.app.Task
+    if not (isinstance(base, type) and issubclass(base, Task)):
+        raise HandlerError(
+            f"handler for {event_type!r}: base must be a Celery Task class, "
+            f"got {base!r}"
+        )
+    bases: tuple[type, ...] = (
+        (base,)
+        if issubclass(base, handlers.HandlerTask)
+        else (handlers.HandlerTask, base)
+    )
+    base_cls = type(
+        f"{fn.__name__}_handler",
+        bases,
+        {"outbox": outbox, "event_type": event_type, "__module__": fn.__module__},
+    )
     options.setdefault("ignore_result", True)
     bind = bool(options.pop("bind", False))
     wrapped = handlers.wrap(fn, bind=bind)
@@ -115,7 +137,10 @@ def drain(outbox: Outbox) -> dict[str, int]:
     if leases or result.skipped or result.exhausted:
         logger.info(
             "Drained outbox %r: claimed %d, skipped %d, dispatched %d, failed %d",
-            outbox.config.table_name, len(leases), result.skipped, dispatched,
+            outbox.config.table_name,
+            len(leases),
+            result.skipped,
+            dispatched,
             summary["failed"],
         )
     return summary
@@ -137,19 +162,14 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
         )
         if outbox.store.fail(lease, error, final=True) is not Outcome.STALE:
             logger.warning(
-                "Event %r (%s) attempt %d failed: %s",
-                event.id, event.type, event.attempt, error,
+                "Event %r (%s) failed: no handler for its type", event.id, event.type
             )
         return "failed"
+    args = [event.as_dict()]
     try:
         task.apply_async(
-            args=[event.as_dict()],
+            args=args,
             task_id=task_id(lease),
-            # Flower and the worker's log show these instead of the payload.
-            argsrepr=redaction.task_argsrepr(
-                event, outbox.config.payload_repr, outbox.config.payload_repr_chars
-            ),
-            kwargsrepr="{}",
             headers={
                 handlers.HEADER_EVENT_ID: event.id,
                 handlers.HEADER_EVENT_TYPE: event.type,
@@ -157,12 +177,33 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
                 handlers.HEADER_LEASE: lease.token,
                 handlers.HEADER_DEADLINE: lease.deadline_ms,
             },
+            # Celery's retry counter: autoretry backoff and handlers that
+            # read self.request.retries count the outbox's failed attempts.
+            retries=lease.retry_count,
+            **_routing(outbox, task, args),
         )
     except Exception as exc:  # any broker error: give the lease back
         logger.warning(
             "Could not dispatch event %r (%s): %s; releasing it for the next drain",
-            event.id, event.type, exc,
+            event.id,
+            event.type,
+            exc,
         )
         outbox.store.release(lease)
         return "released"
     return "dispatched"
+
+
+def _routing(outbox: Outbox, task: Any, args: list[Any]) -> dict[str, Any]:
+    """``queue=handler_queue`` for a handler that nothing else routes.
+
+    A ``queue`` task option or a ``task_routes`` entry for the handler wins,
+    as Celery's routing rules say.
+    """
+    queue = outbox.config.handler_queue
+    if queue is None or getattr(task, "queue", None):
+        return {}
+    router = outbox.app.amqp.router
+    if router.routes and router.lookup_route(task.name, args, {}, {}, None):
+        return {}
+    return {"queue": queue}

@@ -1,0 +1,401 @@
+"""Handlers, dispatch and write-back, with handler tasks run eagerly on moto.
+
+Eager tasks go through Celery's tracer with the drain's task id, headers and
+retry count, so the write-back hooks run as they do in a worker; the tests
+with real worker processes are in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Task
+from celery.exceptions import WorkerLostError
+
+from celery_outbox import Event, HandlerError, Outbox, Status
+from celery_outbox import event as ev
+from celery_outbox import handlers, tasks
+from tests.celery_support import eager_outbox
+
+
+@pytest.fixture
+def outbox(moto_endpoint: str) -> Iterator[Outbox]:
+    """An eager outbox with short backoffs and three retries."""
+    made = eager_outbox(
+        moto_endpoint, base_backoff_ms=100, max_backoff_ms=1000, max_retries=3
+    )
+    yield made
+    made.store.delete_table()
+
+
+def item(outbox: Outbox, event_id: str) -> dict[str, Any]:
+    """The stored item of an event, which must exist."""
+    found = outbox.store.get_item(event_id)
+    assert found is not None, f"event {event_id} is gone"
+    return found
+
+
+def make_due(outbox: Outbox, event_id: str) -> None:
+    """Move a retrying event's due time to now, as time passing would."""
+    outbox.store.client.update_item(
+        TableName=outbox.store.table,
+        Key={"id": {"S": event_id}},
+        UpdateExpression="SET #sk = :now",
+        ExpressionAttributeNames={"#sk": ev.SORT_KEY},
+        ExpressionAttributeValues={":now": {"N": str(outbox.store.clock())}},
+    )
+
+
+class TestDecorator:
+    """``@outbox.handler`` makes ordinary Celery tasks."""
+
+    def test_options_keep_their_meaning(self, outbox: Outbox) -> None:
+        """bind, acks_late, time_limit and name reach the Celery task unchanged."""
+
+        @outbox.handler(
+            "order.created", bind=True, acks_late=True, time_limit=5, name="h.orders"
+        )
+        def handle(self: Task, event: Event) -> str:
+            return f"{self.name}:{event.type}"
+
+        assert handle.name == "h.orders"
+        assert handle.acks_late is True
+        assert handle.time_limit == 5
+        assert outbox.app.tasks["h.orders"].name == handle.name
+        assert isinstance(handle, handlers.HandlerTask)
+        assert handle(Event.new("order.created")) == "h.orders:order.created"
+
+    def test_handler_queue_applies_to_handlers_nothing_routes(
+        self, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """outbox_handler_queue is the queue of handlers no route sends elsewhere."""
+        outbox = eager_outbox(moto_endpoint, handler_queue="outbox-handlers")
+        outbox.app.conf.task_routes = {"h.routed": {"queue": "routed"}}
+        try:
+
+            @outbox.handler("a.b", name="h.plain")
+            def plain(event: Event) -> None: ...
+
+            @outbox.handler("c.d", name="h.routed")
+            def routed(event: Event) -> None: ...
+
+            queues: dict[str, str | None] = {}
+            for task in (plain, routed):
+                monkeypatch.setattr(
+                    task,
+                    "apply_async",
+                    lambda name=task.name, **kw: queues.update({name: kw.get("queue")}),
+                )
+            outbox.emit("a.b")
+            outbox.emit("c.d")
+            outbox.drain()
+            assert queues == {"h.plain": "outbox-handlers", "h.routed": None}
+        finally:
+            outbox.store.delete_table()
+
+    def test_base_class_hooks_still_run(self, outbox: Outbox) -> None:
+        """A base= task class keeps its own hooks after the outbox's write-back."""
+        seen: list[str] = []
+
+        class Audited(Task):  # type: ignore[misc]
+            def on_success(self, retval: Any, task_id: str, args: Any, kw: Any) -> None:
+                seen.append(task_id)
+
+        @outbox.handler("order.created", base=Audited)
+        def handle(event: Event) -> None: ...
+
+        emitted = outbox.emit("order.created", {"n": 1})
+        outbox.drain()
+        assert seen == [f"outbox:{emitted.id}:1"]
+        assert outbox.store.status_of(emitted.id) is None
+
+    def test_rejects_bad_registrations(self, outbox: Outbox) -> None:
+        """A bare decorator, a second handler or retry_on_worker_lost is refused."""
+        with pytest.raises(HandlerError, match="event type first"):
+            outbox.handler(lambda e: None)  # type: ignore[arg-type]
+
+        @outbox.handler("order.created")
+        def first(event: Event) -> None: ...
+
+        with pytest.raises(HandlerError, match="already has the handler"):
+            outbox.handler("order.created")
+        with pytest.raises(HandlerError, match="retry_on_worker_lost"):
+            outbox.handler("order.paid", retry_on_worker_lost=True)(lambda e: None)
+
+    def test_producer_only_outbox_has_no_handlers(self) -> None:
+        """An outbox without an app refuses handlers with a clear error."""
+        with pytest.raises(HandlerError, match="producer-only"):
+            Outbox().handler("order.created")
+
+
+class TestDispatch:
+    """The drain sends one plain message per claimed event."""
+
+    def test_message_names_event_and_attempt(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Task id, headers and retries identify the event; no ETA or countdown."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        sent: list[dict[str, Any]] = []
+        monkeypatch.setattr(handle, "apply_async", lambda **kw: sent.append(kw))
+        emitted = outbox.emit("order.created", {"n": 1})
+        summary = outbox.drain()
+        assert summary["dispatched"] == 1
+        (message,) = sent
+        assert message["task_id"] == f"outbox:{emitted.id}:1"
+        assert message["retries"] == 0
+        assert message["args"][0]["id"] == emitted.id
+        headers = message["headers"]
+        assert headers[handlers.HEADER_EVENT_ID] == emitted.id
+        assert headers[handlers.HEADER_EVENT_TYPE] == "order.created"
+        assert headers[handlers.HEADER_ATTEMPT] == 1
+        assert (
+            headers[handlers.HEADER_LEASE]
+            == item(outbox, emitted.id)["leaseToken"]["S"]
+        )
+        assert not {"eta", "countdown"} & set(message)
+
+    def test_broker_error_releases_the_lease(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A refused send gives the event back, due now, with no attempt used."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        def refuse(**kwargs: Any) -> None:
+            raise ConnectionError("broker down")
+
+        monkeypatch.setattr(handle, "apply_async", refuse)
+        emitted = outbox.emit("order.created")
+        assert outbox.drain()["released"] == 1
+        stored = item(outbox, emitted.id)
+        assert stored["status"]["S"] == "created"
+        assert stored["retryCount"]["N"] == "0"
+
+    def test_unknown_type_fails_then_succeeds_after_retry(self, outbox: Outbox) -> None:
+        """No handler: failed with a clear error; retried once one exists: done."""
+        emitted = outbox.emit("invoice.sent", {"n": 1})
+        assert outbox.drain()["failed"] == 1
+        (failed,) = outbox.store.failed().events
+        assert failed.event.id == emitted.id
+        assert "no handler is registered for event type 'invoice.sent'" in (
+            failed.last_error
+        )
+        calls: list[int] = []
+
+        @outbox.handler("invoice.sent")
+        def handle(event: Event) -> None:
+            calls.append(event.attempt)
+
+        assert outbox.store.retry([emitted.id]).retried == [emitted.id]
+        outbox.drain()
+        assert calls == [1]
+        assert outbox.store.status_of(emitted.id) is None
+
+
+class TestWriteBack:
+    """Handler outcomes move the event through its lifecycle."""
+
+    def test_success_completes(self, outbox: Outbox) -> None:
+        """A handler that returns completes (deletes) its event."""
+        received: list[Event] = []
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None:
+            received.append(event)
+
+        emitted = outbox.emit("order.created", {"total": 30.4})
+        outbox.drain()
+        assert [(e.id, e.payload, e.attempt) for e in received] == [
+            (emitted.id, {"total": 30.4}, 1)
+        ]
+        assert received[0].occurred_at == emitted.occurred_at
+        assert outbox.store.status_of(emitted.id) is None
+
+    def test_exception_reschedules_with_backoff_then_fails(
+        self, outbox: Outbox
+    ) -> None:
+        """Each failure is due again later; past max_retries the event is failed."""
+        attempts: list[int] = []
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None:
+            attempts.append(event.attempt)
+            raise ValueError(f"warehouse said no to {event.id}")
+
+        emitted = outbox.emit("order.created")
+        for attempt in range(1, 5):
+            before = outbox.store.clock()
+            outbox.drain()
+            stored = item(outbox, emitted.id)
+            assert stored["retryCount"]["N"] == str(attempt)
+            if attempt <= 3:
+                assert stored["status"]["S"] == "created"
+                # equal jitter: at least half of base * 2**(n-1)
+                assert int(stored["gsiSortKey"]["N"]) >= before + 50 * 2 ** (
+                    attempt - 1
+                )
+                make_due(outbox, emitted.id)
+        assert attempts == [1, 2, 3, 4]
+        assert stored["status"]["S"] == "failed"
+        assert (
+            stored["lastError"]["S"] == f"ValueError: warehouse said no to {emitted.id}"
+        )
+
+    def test_self_retry_waits_in_dynamodb(self, outbox: Outbox) -> None:
+        """self.retry(countdown=) makes the event due then, as the next attempt."""
+        seen: list[tuple[int, int]] = []
+
+        @outbox.handler("order.created", bind=True)
+        def handle(self: Task, event: Event) -> None:
+            seen.append((event.attempt, self.request.retries))
+            if event.attempt == 1:
+                raise self.retry(exc=TimeoutError("gateway slow"), countdown=30)
+
+        emitted = outbox.emit("order.created")
+        before = outbox.store.clock()
+        outbox.drain()
+        stored = item(outbox, emitted.id)
+        assert stored["status"]["S"] == "created"
+        assert int(stored["gsiSortKey"]["N"]) >= before + 30_000
+        assert stored["lastError"]["S"] == "TimeoutError: gateway slow"
+        assert outbox.drain()["claimed"] == 0  # not due yet
+        make_due(outbox, emitted.id)
+        outbox.drain()
+        assert seen == [(1, 0), (2, 1)]
+        assert outbox.store.status_of(emitted.id) is None
+
+    def test_autoretry_and_handler_max_retries(self, outbox: Outbox) -> None:
+        """autoretry_for retries through the outbox; max_retries lowers its limit."""
+        attempts: list[int] = []
+
+        @outbox.handler(
+            "order.created", autoretry_for=(ConnectionError,), max_retries=1
+        )
+        def handle(event: Event) -> None:
+            attempts.append(event.attempt)
+            raise ConnectionError("ERP offline")
+
+        emitted = outbox.emit("order.created")
+        outbox.drain()
+        assert item(outbox, emitted.id)["status"]["S"] == "created"
+        make_due(outbox, emitted.id)
+        outbox.drain()
+        stored = item(outbox, emitted.id)
+        assert attempts == [1, 2]
+        assert stored["status"]["S"] == "failed"
+        assert stored["retryCount"]["N"] == "2"
+        assert stored["lastError"]["S"] == "ConnectionError: ERP offline"
+
+    def test_expired_lease_skips_the_handler(self, outbox: Outbox) -> None:
+        """A message that outlived its lease runs nothing and writes nothing."""
+        calls: list[str] = []
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None:
+            calls.append(event.id)
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        handle.apply(
+            args=[lease.event.as_dict()],
+            headers={
+                handlers.HEADER_LEASE: lease.token,
+                handlers.HEADER_DEADLINE: outbox.store.clock() - 1,
+            },
+        )
+        assert calls == []
+        stored = item(outbox, lease.event.id)
+        assert stored["status"]["S"] == "active"
+        assert stored["leaseToken"]["S"] == lease.token
+
+    def test_lost_worker_reports_write_nothing(self, outbox: Outbox) -> None:
+        """Celery's report of a lost child leaves the event to its lease."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        args = [lease.event.as_dict()]
+        handle.push_request(
+            args=args,
+            headers={handlers.HEADER_LEASE: lease.token},
+            called_directly=False,
+        )
+        try:
+            handle.on_failure(WorkerLostError("SIGKILL"), "t", args, {}, None)
+        finally:
+            handle.pop_request()
+        assert item(outbox, lease.event.id)["status"]["S"] == "active"
+
+    def test_stale_write_back_changes_nothing(self, outbox: Outbox) -> None:
+        """A late success under a reclaimed lease leaves the new lease alone."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (old,) = outbox.store.claim().leases
+        outbox.store.clock = lambda: old.deadline_ms + 1  # the lease expired
+        (new,) = outbox.store.claim().leases
+        handle.apply(
+            args=[old.event.as_dict()],
+            headers={handlers.HEADER_LEASE: old.token},
+        )
+        stored = item(outbox, new.event.id)
+        assert stored["status"]["S"] == "active"
+        assert stored["leaseToken"]["S"] == new.token
+
+    def test_called_directly_writes_nothing(self, outbox: Outbox) -> None:
+        """Calling a handler with an Event (a unit test) runs only the function."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> int:
+            return event.attempt
+
+        assert handle(Event.new("order.created")) == 1
+
+
+class TestEmit:
+    """Application code emits through the installed outbox."""
+
+    def test_direct_collector_and_transaction(self, outbox: Outbox) -> None:
+        """Direct emits write; collector and transaction emits commit together."""
+        store = outbox.store
+        direct = outbox.emit("order.created", {"n": 1})
+        assert store.status_of(direct.id) is Status.CREATED
+
+        with outbox.collecting() as actions:
+            collected = outbox.emit("order.created", {"n": 2})
+        assert store.status_of(collected.id) is None
+        store.commit(actions)
+        assert store.status_of(collected.id) is Status.CREATED
+
+        with outbox.transaction() as tx:
+            tx.put(store.table, {"id": "order#1", "kind": "order", "total": 12})
+            in_tx = outbox.emit("order.created", {"order_id": "order#1"})
+        assert store.status_of(in_tx.id) is Status.CREATED
+        assert store.get_item("order#1") is not None
+
+    def test_failed_transaction_writes_nothing(self, outbox: Outbox) -> None:
+        """An exception inside the block discards business items and events."""
+        with pytest.raises(RuntimeError), outbox.transaction() as tx:
+            tx.put(outbox.store.table, {"id": "order#2", "kind": "order"})
+            emitted = outbox.emit("order.created")
+            raise RuntimeError("payment declined")
+        assert outbox.store.get_item("order#2") is None
+        assert outbox.store.status_of(emitted.id) is None
+
+
+def test_task_id_names_event_and_attempt() -> None:
+    """The task id of an attempt is outbox:<event id>:<attempt>."""
+    event = Event.new("order.created", id="e-1")
+    lease = ev.Lease(Event(**{**event.__dict__, "attempt": 3}), "tok", 0, 0)
+    assert tasks.task_id(lease) == "outbox:e-1:3"
