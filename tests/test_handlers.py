@@ -14,9 +14,8 @@ import pytest
 from celery import Task
 from celery.exceptions import WorkerLostError
 
-from celery_outbox import Event, HandlerError, Outbox, Status
+from celery_outbox import Event, HandlerError, Outbox, Status, handlers, tasks
 from celery_outbox import event as ev
-from celery_outbox import handlers, tasks
 from tests.celery_support import eager_outbox
 
 
