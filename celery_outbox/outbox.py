@@ -234,6 +234,12 @@ class Outbox:
 
         def decorate(fn: Callable[..., Any]) -> Any:
             task = tasks.register_handler(self, event_type, fn, options)
+            for other_type, other in self.handlers.items():
+                if other.name == task.name:
+                    raise HandlerError(
+                        f"the handlers of {other_type!r} and {event_type!r} would "
+                        f"both be the task {task.name!r}; give one a name= option"
+                    )
             self.handlers[event_type] = task
             return task
 

@@ -66,10 +66,16 @@ def install(app: Any) -> None:
 
 def setting_name(app: Any, option: str) -> str:
     """The name the user writes for ``option``, e.g. ``CELERY_OUTBOX_BATCH_SIZE``."""
-    namespace = getattr(app.conf, "prefix", None) or ""
+    namespace = _namespace(app)
     if not namespace:
         return PREFIX + option
     return str(match_case(namespace + PREFIX + option, namespace))
+
+
+def _namespace(app: Any) -> str:
+    """The app's settings namespace with its underscore, e.g. ``CELERY_``."""
+    namespace = getattr(app, "namespace", None) or ""
+    return namespace.rstrip("_") + "_" if namespace else ""
 
 
 def _user_values(app: Any) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def _user_values(app: Any) -> dict[str, Any]:
     """
     conf = app.conf
     conf.finalize()  # the first read loads the configuration
-    namespace = getattr(conf, "prefix", None) or ""
+    namespace = _namespace(app)
     starts = [PREFIX]
     if namespace:
         starts.insert(0, match_case(namespace + PREFIX, namespace))
