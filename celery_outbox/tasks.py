@@ -103,6 +103,9 @@ def register_handler(
         {"outbox": outbox, "event_type": event_type, "__module__": fn.__module__},
     )
     options.setdefault("ignore_result", True)
+    # A handler belongs to this outbox's app; Celery's default (shared)
+    # would copy it into every app created later in the process.
+    options.setdefault("shared", False)
     bind = bool(options.pop("bind", False))
     wrapped = handlers.wrap(fn, bind=bind)
     return outbox.app.task(base=base_cls, bind=bind, **options)(wrapped)
