@@ -82,6 +82,7 @@ class Outbox:
         self.handlers: dict[str, Any] = {}
         self.drain_task: Any = None
         self.receivers: list[Callable[..., Any]] = []
+        self.drain_lock = threading.Lock()
         if app is not None:
             from celery_outbox import tasks
 

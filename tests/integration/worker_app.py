@@ -1,0 +1,107 @@
+"""The Celery app that integration tests run in real worker processes.
+
+Configured from ``OUTBOX_IT_*`` environment variables set by the test that
+starts the worker. Every handler records each invocation in Redis (a list
+per run, see :func:`record`), so tests can count how often each event ran,
+with which attempt number, task id and pool process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from celery_outbox import Event, Outbox
+
+ENV = os.environ
+
+app = Celery("outbox_it", broker=ENV.get("OUTBOX_IT_BROKER", "memory://"))
+app.conf.update(
+    task_default_queue=ENV.get("OUTBOX_IT_QUEUE", "outbox-it"),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    outbox_table_name=ENV.get("OUTBOX_IT_TABLE", "outbox-it"),
+    outbox_endpoint_url=ENV.get("OUTBOX_IT_ENDPOINT"),
+    outbox_completion="keep",
+    outbox_poll_interval_ms=int(ENV.get("OUTBOX_IT_POLL_MS", "200")),
+    outbox_processing_timeout_ms=int(ENV.get("OUTBOX_IT_TIMEOUT_MS", "30000")),
+    outbox_base_backoff_ms=int(ENV.get("OUTBOX_IT_BACKOFF_MS", "500")),
+    outbox_max_retries=int(ENV.get("OUTBOX_IT_MAX_RETRIES", "2")),
+)
+outbox = Outbox(app)
+
+# A time limit under the lease, so the start-up checks pass.
+LIMIT_S = max(1, int(ENV.get("OUTBOX_IT_TIMEOUT_MS", "30000")) // 1000 - 1)
+_redis = redis.Redis.from_url(ENV.get("OUTBOX_IT_RECORD", "redis://127.0.0.1:6379/2"))
+CALLS = ENV.get("OUTBOX_IT_PREFIX", "outbox-it") + ":calls"
+
+
+def record(task: Task, event: Event, **extra: Any) -> None:
+    """Append this invocation to the run's list of calls in Redis."""
+    entry = {
+        "id": event.id,
+        "type": event.type,
+        "attempt": event.attempt,
+        "retries": task.request.retries,
+        "task_id": task.request.id,
+        "pid": os.getpid(),
+        "at_ms": time.time_ns() // 1_000_000,
+        **extra,
+    }
+    _redis.rpush(CALLS, json.dumps(entry))
+
+
+@outbox.handler("it.ok", bind=True, time_limit=LIMIT_S)
+def ok(self: Task, event: Event) -> None:
+    """Succeed at once."""
+    record(self, event)
+
+
+@outbox.handler("it.flaky", bind=True, time_limit=LIMIT_S)
+def flaky(self: Task, event: Event) -> None:
+    """Fail the first two attempts, then succeed."""
+    record(self, event)
+    if event.attempt <= 2:
+        raise ConnectionError(f"flaky failure on attempt {event.attempt}")
+
+
+@outbox.handler("it.broken", bind=True, time_limit=LIMIT_S)
+def broken(self: Task, event: Event) -> None:
+    """Fail every attempt."""
+    record(self, event)
+    raise ValueError(f"broken handler cannot take {event.payload['order']}")
+
+
+@outbox.handler("it.retry", bind=True, time_limit=LIMIT_S)
+def retrying(self: Task, event: Event) -> None:
+    """Ask Celery for a retry on the first attempt, then succeed."""
+    record(self, event)
+    if event.attempt == 1:
+        raise self.retry(exc=TimeoutError("gateway timeout"), countdown=0.3)
+
+
+@outbox.handler(
+    "it.autoretry",
+    bind=True,
+    time_limit=LIMIT_S,
+    autoretry_for=(KeyError,),
+    retry_backoff=True,
+)
+def autoretrying(self: Task, event: Event) -> None:
+    """Fail with an autoretried error on the first attempt, then succeed."""
+    record(self, event)
+    if event.attempt == 1:
+        raise KeyError("sku-1")
+
+
+@outbox.handler("it.stuck", bind=True, time_limit=LIMIT_S)
+def stuck(self: Task, event: Event) -> None:
+    """On the first attempt, wait to be killed; later attempts succeed."""
+    record(self, event)
+    if event.attempt == 1:
+        time.sleep(LIMIT_S + 5)
