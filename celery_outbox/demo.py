@@ -99,13 +99,13 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     a message appears whole or not at all.
     """
 
-    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:
         # kombu orders messages by this monotonic-milliseconds prefix.
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = final + ".partial"
         with open(partial, "wb") as file:
-            file.write(json.dumps(message).encode("utf-8"))
+            file.write(json.dumps(payload).encode("utf-8"))
         os.replace(partial, final)
 
 
