@@ -99,7 +99,9 @@ class _AtomicFilesystemChannel(filesystem.Channel):
     a message appears whole or not at all.
     """
 
-    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:
+    def _put(  # type: ignore[override]  # kombu's own bases disagree
+        self, queue: Any, payload: Any, **kwargs: Any
+    ) -> None:
         # kombu orders messages by this monotonic-milliseconds prefix.
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
