@@ -520,7 +520,10 @@ def _forget_queue(run: Run) -> None:
         import redis
 
         client = redis.Redis.from_url(run.broker, socket_timeout=2)
-        client.delete(run.queue, f"_kombu.binding.{run.queue}")
+        # The queue itself and kombu's bindings for it carry its name.
+        keys = list(client.scan_iter(match=f"*{run.queue}*"))
+        if keys:
+            client.delete(*keys)
 
 
 def _summary(

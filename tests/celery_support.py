@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from celery import Celery
 
-from celery_outbox import Outbox
+from celery_outbox import Completion, Outbox, OutboxConfig
 
 T = TypeVar("T")
 
@@ -44,3 +52,108 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Worker:
+    """A ``celery worker -B`` subprocess running ``tests/integration/worker_app``."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    outbox: Outbox
+    redis: Any
+    calls_key: str
+
+    def calls(self) -> list[dict[str, Any]]:
+        """Every handler invocation recorded so far, in order."""
+        return [json.loads(raw) for raw in self.redis.lrange(self.calls_key, 0, -1)]
+
+    def calls_of(self, event_id: str) -> list[dict[str, Any]]:
+        """The invocations for one event, in order."""
+        return [c for c in self.calls() if c["id"] == event_id]
+
+    def log_text(self) -> str:
+        """The worker's log so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        """Whether the worker's main process is still running."""
+        return self.proc.poll() is None
+
+
+def start_worker(
+    *,
+    endpoint_url: str,
+    redis_url: str,
+    queue: str,
+    folder: Path,
+    pool: str = "prefork",
+    concurrency: int = 2,
+    timeout_ms: int = 30_000,
+    backoff_ms: int = 500,
+    max_retries: int = 2,
+) -> Worker:
+    """Create a table and start a worker with beat for it (see ``worker_app``)."""
+    import redis
+
+    table = f"it-{uuid.uuid4().hex[:12]}"
+    outbox = Outbox(
+        config=OutboxConfig(
+            table_name=table, endpoint_url=endpoint_url, completion=Completion.KEEP
+        )
+    )
+    outbox.store.create_table()
+    log = folder / f"worker-{queue}.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OUTBOX_IT_BROKER": redis_url,
+        "OUTBOX_IT_RECORD": redis_url,
+        "OUTBOX_IT_QUEUE": queue,
+        "OUTBOX_IT_PREFIX": queue,
+        "OUTBOX_IT_TABLE": table,
+        "OUTBOX_IT_ENDPOINT": endpoint_url,
+        "OUTBOX_IT_TIMEOUT_MS": str(timeout_ms),
+        "OUTBOX_IT_BACKOFF_MS": str(backoff_ms),
+        "OUTBOX_IT_MAX_RETRIES": str(max_retries),
+    }
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.integration.worker_app",
+        "worker", "-B", "-s", str(folder / f"beat-{queue}"),
+        "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", f"{queue}@%h",
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+        "-l", "info", "-f", str(log),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # one group: pool children and beat go with it
+    )
+    client = redis.Redis.from_url(redis_url)
+    return Worker(proc, log, outbox, client, f"{queue}:calls")
+
+
+def stop_worker(worker: Worker) -> None:
+    """Stop a worker and every process of its group; drop its table and keys."""
+    proc = worker.proc
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    queue = worker.calls_key.rsplit(":", 1)[0]
+    keys = list(worker.redis.scan_iter(match=f"*{queue}*"))  # queue, bindings, calls
+    if keys:
+        worker.redis.delete(*keys)
+    worker.outbox.store.delete_table()

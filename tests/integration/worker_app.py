@@ -17,6 +17,7 @@ import redis
 from celery import Celery, Task
 
 from celery_outbox import Event, Outbox
+from celery_outbox.handlers import HEADER_EVENT_ID
 
 ENV = os.environ
 
@@ -51,6 +52,8 @@ def record(task: Task, event: Event, **extra: Any) -> None:
         "task_id": task.request.id,
         "pid": os.getpid(),
         "at_ms": time.time_ns() // 1_000_000,
+        "header_event_id": (task.request.headers or {}).get(HEADER_EVENT_ID),
+        "attribute_event_id": getattr(task.request, HEADER_EVENT_ID, None),
         **extra,
     }
     _redis.rpush(CALLS, json.dumps(entry))
