@@ -13,8 +13,8 @@ after which a drain reclaims the event and a second attempt runs beside it:
   attempt's message again.
 
 :func:`find_problems` returns what it finds, for ``celery outbox check``
-and tests. On worker start (``worker_init``) :func:`install` logs every
-problem and stops the worker when one is an error.
+and tests. When a worker starts, :func:`install` logs every problem and
+stops the worker when one is an error.
 """
 
 from __future__ import annotations
@@ -220,15 +220,22 @@ def _transport(app: Any) -> str:
 
 
 def install(outbox: Outbox) -> None:
-    """Run the checks when a worker of ``outbox``'s app starts."""
+    """Run the checks when a ``celery worker`` of ``outbox``'s app starts.
 
-    def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-        if getattr(sender, "app", None) is not outbox.app:
+    They run on ``celeryd_after_setup``: the worker's logging is set up by
+    then, and no pool or consumer has started, so refusing to start leaves
+    every message in the broker.
+    """
+
+    def on_worker_setup(
+        sender: Any = None, instance: Any = None, **kwargs: Any
+    ) -> None:
+        if getattr(instance, "app", None) is not outbox.app:
             return  # another app's worker in this process (tests)
-        pool = getattr(sender, "pool_cls", None)
-        pool_name = pool if isinstance(pool, str) or pool is None else _pool_name(pool)
         problems = find_problems(
-            outbox, time_limit_s=getattr(sender, "time_limit", None), pool=pool_name
+            outbox,
+            time_limit_s=getattr(instance, "time_limit", None),
+            pool=_pool_name(getattr(instance, "pool_cls", None)),
         )
         for problem in problems:
             log = logger.error if problem.level is Level.ERROR else logger.warning
@@ -239,11 +246,13 @@ def install(outbox: Outbox) -> None:
 
     # A weak receiver, kept alive by the outbox: an app dropped by its
     # owner (tests make many) takes its receiver with it.
-    outbox.receivers.append(on_worker_init)
-    signals.worker_init.connect(on_worker_init)
+    outbox.receivers.append(on_worker_setup)
+    signals.celeryd_after_setup.connect(on_worker_setup)
 
 
-def _pool_name(pool: Any) -> str:
+def _pool_name(pool: Any) -> str | None:
+    if pool is None or isinstance(pool, str):
+        return pool
     module = getattr(pool, "__module__", "") or ""
     return {
         "celery.concurrency.prefork": "prefork",

@@ -95,6 +95,7 @@ def start_worker(
     timeout_ms: int = 30_000,
     backoff_ms: int = 500,
     max_retries: int = 2,
+    extra_env: dict[str, str] | None = None,
 ) -> Worker:
     """Create a table and start a worker with beat for it (see ``worker_app``)."""
     import redis
@@ -119,6 +120,7 @@ def start_worker(
         "OUTBOX_IT_TIMEOUT_MS": str(timeout_ms),
         "OUTBOX_IT_BACKOFF_MS": str(backoff_ms),
         "OUTBOX_IT_MAX_RETRIES": str(max_retries),
+        **(extra_env or {}),
     }
     command = [
         sys.executable, "-m", "celery", "-A", "tests.integration.worker_app",
@@ -140,18 +142,23 @@ def start_worker(
     return Worker(proc, log, outbox, client, f"{queue}:calls")
 
 
-def stop_worker(worker: Worker) -> None:
-    """Stop a worker and every process of its group; drop its table and keys."""
-    proc = worker.proc
+def stop_process_group(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process started with ``start_new_session`` and all of its group."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(20)
+    # Pool children or beat that outlived the main process share its group.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
+
+
+def stop_worker(worker: Worker) -> None:
+    """Stop a worker and every process of its group; drop its table and keys."""
+    stop_process_group(worker.proc)
     queue = worker.calls_key.rsplit(":", 1)[0]
     keys = list(worker.redis.scan_iter(match=f"*{queue}*"))  # queue, bindings, calls
     if keys:

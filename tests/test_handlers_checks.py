@@ -32,7 +32,7 @@ def register(outbox: Outbox, event_type: str, **options: object) -> None:
 
 @dataclass(eq=False)
 class FakeWorker:
-    """What the checks read from a WorkController (hashable, as signals need)."""
+    """What the checks read from a starting worker."""
 
     app: Any
     time_limit: float | None = None
@@ -123,12 +123,12 @@ class TestWorkerStart:
     """The checks run when a worker of the app starts."""
 
     def test_errors_refuse_to_start(self) -> None:
-        """worker_init with an error raises StartupCheckError (a SystemExit)."""
+        """A worker start with an error raises StartupCheckError (a SystemExit)."""
         outbox = outbox_with()
         register(outbox, "a.b", time_limit=60)
         worker = FakeWorker(outbox.app)
         with pytest.raises(StartupCheckError) as info:
-            signals.worker_init.send(sender=worker)
+            signals.celeryd_after_setup.send(sender="w@h", instance=worker, conf=None)
         assert "would run events twice" in str(info.value.code)
         assert info.value.problems[0].level is Level.ERROR
 
@@ -137,7 +137,7 @@ class TestWorkerStart:
         outbox = outbox_with()
         register(outbox, "a.b")
         worker = FakeWorker(outbox.app)
-        signals.worker_init.send(sender=worker)
+        signals.celeryd_after_setup.send(sender="w@h", instance=worker, conf=None)
         assert "have no time limit" in caplog.text
 
     def test_other_apps_are_not_checked(self) -> None:
@@ -145,7 +145,7 @@ class TestWorkerStart:
         outbox = outbox_with()
         register(outbox, "a.b", time_limit=60)
         other = FakeWorker(Celery("other"))
-        signals.worker_init.send(sender=other)
+        signals.celeryd_after_setup.send(sender="w@h", instance=other, conf=None)
 
 
 def test_problem_as_dict() -> None:

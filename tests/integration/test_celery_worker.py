@@ -203,3 +203,16 @@ def test_write_back_on_other_pools(run_worker: StartWorker, pool: str) -> None:
     assert item(outbox, retrying.id)["retryCount"]["N"] == "1"
     assert item(outbox, broken.id)["retryCount"]["N"] == "3"
     assert {c["pid"] for c in worker.calls()} == {worker.calls()[0]["pid"]}
+
+
+def test_worker_refuses_settings_that_run_events_twice(
+    run_worker: StartWorker,
+) -> None:
+    """A visibility timeout shorter than the lease stops the worker at start."""
+    worker = run_worker(timeout_ms=30_000, extra_env={"OUTBOX_IT_VISIBILITY_S": "20"})
+    wait_for(lambda: not worker.alive(), timeout_s=60, what="the worker to exit")
+    assert worker.proc.returncode != 0
+    log = worker.log_text()
+    assert "Outbox start-up check: error: broker_transport_options" in log
+    assert "visibility_timeout of 20 s" in log
+    assert worker.calls() == []

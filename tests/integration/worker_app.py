@@ -34,6 +34,9 @@ app.conf.update(
     outbox_base_backoff_ms=int(ENV.get("OUTBOX_IT_BACKOFF_MS", "500")),
     outbox_max_retries=int(ENV.get("OUTBOX_IT_MAX_RETRIES", "2")),
 )
+if "OUTBOX_IT_VISIBILITY_S" in ENV:
+    visibility_s = int(ENV["OUTBOX_IT_VISIBILITY_S"])
+    app.conf.broker_transport_options = {"visibility_timeout": visibility_s}
 outbox = Outbox(app)
 
 # A time limit under the lease, so the start-up checks pass.
