@@ -83,6 +83,8 @@ class Outbox:
         self.drain_task: Any = None
         self.receivers: list[Callable[..., Any]] = []
         self.drain_lock = threading.Lock()
+        self.drain_errors = 0
+        self.drain_paused_until = 0.0  # time.monotonic() seconds
         if app is not None:
             from celery_outbox import tasks
 

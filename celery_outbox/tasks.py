@@ -8,6 +8,7 @@ Flower and logs show which event a task serves.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from celery_outbox import checks, handlers
-from celery_outbox.errors import HandlerError
+from celery_outbox.errors import HandlerError, OutboxError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
 
@@ -119,20 +120,57 @@ def drain(outbox: Outbox) -> dict[str, int]:
     by side when beat's interval is shorter than a drain) a drain that finds
     another one running returns at once; across processes the claims'
     conditions settle it.
+
+    When DynamoDB fails a drain (after botocore's own retries), drains in
+    this process pause, twice as long after each failure in a row, up to
+    ``max_error_backoff_ms``; the failure is logged, not raised, so a
+    DynamoDB outage gives one warning per pause instead of a traceback
+    per beat tick.
     """
+    if time.monotonic() < outbox.drain_paused_until:
+        return _empty_summary(paused=1)
     if not outbox.drain_lock.acquire(blocking=False):
         logger.debug(
             "Skipped a drain of %r: another drain is running in this process",
             outbox.config.table_name,
         )
-        return dict.fromkeys(_SUMMARY_KEYS, 0) | {"busy": 1}
+        return _empty_summary(busy=1)
     try:
-        return _drain(outbox)
+        summary = _drain(outbox)
+    except OutboxError as exc:
+        return _pause(outbox, exc)
     finally:
         outbox.drain_lock.release()
+    outbox.drain_errors = 0
+    return summary
 
 
-_SUMMARY_KEYS = ("claimed", "skipped", "dispatched", "failed", "released", "busy")
+_SUMMARY_KEYS = (
+    "claimed", "skipped", "dispatched", "failed", "released", "busy", "paused",
+)  # fmt: skip
+
+
+def _empty_summary(**counts: int) -> dict[str, int]:
+    return dict.fromkeys(_SUMMARY_KEYS, 0) | counts
+
+
+def _pause(outbox: Outbox, exc: OutboxError) -> dict[str, int]:
+    config = outbox.config
+    outbox.drain_errors += 1
+    pause_ms = min(
+        config.max_error_backoff_ms,
+        config.poll_interval_ms * 2 ** min(outbox.drain_errors, 30),
+    )
+    outbox.drain_paused_until = time.monotonic() + pause_ms / 1000
+    logger.warning(
+        "Drain of outbox %r failed (%d in a row): %s; drains in this process "
+        "pause for %d ms",
+        config.table_name,
+        outbox.drain_errors,
+        exc,
+        pause_ms,
+    )
+    return _empty_summary(paused=1)
 
 
 def _drain(outbox: Outbox) -> dict[str, int]:
@@ -154,6 +192,7 @@ def _drain(outbox: Outbox) -> dict[str, int]:
         "failed": failed + result.exhausted,
         "released": released,
         "busy": 0,
+        "paused": 0,
     }
     if leases or result.skipped or result.exhausted:
         logger.info(

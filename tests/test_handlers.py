@@ -7,6 +7,7 @@ with real worker processes are in ``tests/integration``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,7 +15,15 @@ import pytest
 from celery import Task
 from celery.exceptions import WorkerLostError
 
-from celery_outbox import Event, HandlerError, Outbox, Status, handlers, tasks
+from celery_outbox import (
+    Event,
+    HandlerError,
+    Outbox,
+    Status,
+    StoreError,
+    handlers,
+    tasks,
+)
 from celery_outbox import event as ev
 from tests.celery_support import eager_outbox
 
@@ -398,3 +407,51 @@ def test_task_id_names_event_and_attempt() -> None:
     event = Event.new("order.created", id="e-1")
     lease = ev.Lease(Event(**{**event.__dict__, "attempt": 3}), "tok", 0, 0)
     assert tasks.task_id(lease) == "outbox:e-1:3"
+
+
+class TestDrainErrors:
+    """A failing DynamoDB pauses drains instead of failing every tick."""
+
+    def test_pause_doubles_and_resets(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Failed drains pause for longer each time, capped; success resets."""
+        calls: list[int] = []
+
+        def broken_claim(limit: int | None = None) -> Any:
+            calls.append(1)
+            raise StoreError("DynamoDB query failed: ThrottlingException", "Throttling")
+
+        real_claim = outbox.store.claim
+        monkeypatch.setattr(outbox.store, "claim", broken_claim)
+        pauses = []
+        for _ in range(4):
+            outbox.drain_paused_until = 0.0  # the previous pause has passed
+            before = time.monotonic()
+            assert outbox.drain()["paused"] == 1
+            pauses.append(outbox.drain_paused_until - before)
+        assert len(calls) == 4
+        # the poll interval (1 s) doubled for each failure in a row
+        assert [round(p) for p in pauses] == [2, 4, 8, 16]
+        assert outbox.drain()["paused"] == 1  # still paused: claim not called
+        assert len(calls) == 4
+        monkeypatch.setattr(outbox.store, "claim", real_claim)
+        outbox.drain_paused_until = 0.0
+        assert outbox.drain()["paused"] == 0
+        assert outbox.drain_errors == 0
+
+    def test_pause_is_capped(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The pause never exceeds max_error_backoff_ms."""
+
+        def broken_claim(limit: int | None = None) -> Any:
+            raise StoreError("down")
+
+        monkeypatch.setattr(outbox.store, "claim", broken_claim)
+        outbox.drain_errors = 20
+        before = time.monotonic()
+        outbox.drain()
+        cap_s = outbox.config.max_error_backoff_ms / 1000
+        assert outbox.drain_paused_until - before <= cap_s + 0.1
+        assert outbox.drain_paused_until - before >= cap_s - 0.1
