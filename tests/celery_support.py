@@ -96,18 +96,19 @@ def start_worker(
     backoff_ms: int = 500,
     max_retries: int = 2,
     extra_env: dict[str, str] | None = None,
+    table: str | None = None,
 ) -> Worker:
-    """Create a table and start a worker with beat for it (see ``worker_app``)."""
+    """Start a worker with beat (see ``worker_app``) on ``table``, or a new one."""
     import redis
 
-    table = f"it-{uuid.uuid4().hex[:12]}"
+    table = table or f"it-{uuid.uuid4().hex[:12]}"
     outbox = Outbox(
         config=OutboxConfig(
             table_name=table, endpoint_url=endpoint_url, completion=Completion.KEEP
         )
     )
     outbox.store.create_table()
-    log = folder / f"worker-{queue}.log"
+    log = folder / f"worker-{queue}-{uuid.uuid4().hex[:4]}.log"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -124,7 +125,7 @@ def start_worker(
     }
     command = [
         sys.executable, "-m", "celery", "-A", "tests.integration.worker_app",
-        "worker", "-B", "-s", str(folder / f"beat-{queue}"),
+        "worker", "-B", "-s", str(log.with_suffix(".beat")),
         "-P", pool, "-c", str(concurrency), "-Q", queue, "-n", f"{queue}@%h",
         "--without-mingle", "--without-gossip", "--without-heartbeat",
         "-l", "info", "-f", str(log),

@@ -31,10 +31,10 @@ def run_worker(
     started: list[Worker] = []
 
     def start(**options: Any) -> Worker:
+        options.setdefault("queue", f"{queue_name}-{len(started)}")
         worker = start_worker(
             endpoint_url=ddb_local_endpoint,
             redis_url=redis_url,
-            queue=f"{queue_name}-{len(started)}",
             folder=tmp_path,
             **options,
         )
@@ -62,8 +62,13 @@ def settled(outbox: Outbox, event_id: str, status: Status) -> bool:
 
 
 def test_500_events_complete_exactly_once(run_worker: StartWorker) -> None:
-    """500 events emitted with business items are each handled once, completed."""
+    """500 events with business items, two workers each with its own beat: each once."""
     worker = run_worker(pool="prefork", concurrency=2)
+    queue = worker.calls_key.rsplit(":", 1)[0]
+    # A second worker with a second beat, on the same queue and table.
+    table = worker.outbox.store.table
+    second = run_worker(pool="threads", concurrency=4, queue=queue, table=table)
+    assert second.calls_key == worker.calls_key
     outbox = worker.outbox
     emitted: list[Event] = []
     for batch in range(50):
@@ -203,6 +208,8 @@ def test_write_back_on_other_pools(run_worker: StartWorker, pool: str) -> None:
     assert item(outbox, retrying.id)["retryCount"]["N"] == "1"
     assert item(outbox, broken.id)["retryCount"]["N"] == "3"
     assert {c["pid"] for c in worker.calls()} == {worker.calls()[0]["pid"]}
+    for call in worker.calls():
+        assert call["header_event_id"] == call["attribute_event_id"] == call["id"]
 
 
 def test_worker_refuses_settings_that_run_events_twice(
