@@ -8,7 +8,8 @@ after which a drain reclaims the event and a second attempt runs beside it:
   ``task_time_limit``) at or above the processing timeout, or no limit at
   all on a pool that enforces none;
 * the broker's visibility timeout (Redis and SQS redeliver a message that
-  was not acknowledged within ``visibility_timeout``, 3600 s by default) at
+  was not acknowledged within ``visibility_timeout``, by default 3600 s on
+  Redis and 1800 s on SQS) at
   or below the processing timeout: the broker itself sends the live
   attempt's message again.
 
@@ -42,12 +43,16 @@ __all__ = [
 
 logger = logging.getLogger("celery_outbox.checks")
 
-DEFAULT_VISIBILITY_TIMEOUT_S = 3600
-"""kombu's visibility timeout for Redis and SQS when none is configured."""
+DEFAULT_VISIBILITY_TIMEOUT_S = {
+    "redis": 3600,
+    "rediss": 3600,
+    "sentinel": 3600,
+    "sqs": 1800,
+}
+"""kombu's visibility timeout, per transport that has one, when none is set.
 
-# Transports that hide a delivered message and redeliver it after the
-# visibility timeout unless it was acknowledged.
-_VISIBILITY_TRANSPORTS = ("redis", "rediss", "sentinel", "sqs")
+These transports hide a delivered message and redeliver it after the
+visibility timeout unless it was acknowledged."""
 # Pools that cannot interrupt a running task, so time limits do nothing.
 _NO_TIME_LIMITS = ("threads", "solo", "eventlet", "gevent")
 
@@ -190,12 +195,11 @@ def _visibility(outbox: Outbox) -> list[Problem]:
     app = outbox.app
     conf = app.conf
     transport = _transport(app)
-    if transport not in _VISIBILITY_TRANSPORTS:
+    default_s = DEFAULT_VISIBILITY_TIMEOUT_S.get(transport)
+    if default_s is None:
         return []
     options = conf.broker_transport_options or {}
-    visibility_s = float(
-        options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)
-    )
+    visibility_s = float(options.get("visibility_timeout", default_s))
     timeout_s = outbox.config.processing_timeout_ms / 1000
     if visibility_s > timeout_s:
         return []

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from celery_outbox import checks, handlers
+from celery_outbox import checks, handlers, management, redaction
 from celery_outbox.errors import HandlerError, OutboxError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -46,6 +46,7 @@ def install(outbox: Outbox) -> None:
         return drain(outbox)
 
     outbox.drain_task = drain_task
+    management.register(outbox)
     checks.install(outbox)
 
     def schedule_drain(sender: Any = None, **kwargs: Any) -> None:
@@ -222,7 +223,11 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
         )
         if outbox.store.fail(lease, error, final=True) is not Outcome.STALE:
             logger.warning(
-                "Event %r (%s) failed: no handler for its type", event.id, event.type
+                "Event %r (%s) attempt %d failed: %s",
+                event.id,
+                event.type,
+                event.attempt,
+                error,
             )
         return "failed"
     args = [event.as_dict()]
@@ -230,6 +235,11 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
         task.apply_async(
             args=args,
             task_id=task_id(lease),
+            # Flower and the worker's log show these instead of the payload.
+            argsrepr=redaction.task_argsrepr(
+                event, outbox.config.payload_repr, outbox.config.payload_repr_chars
+            ),
+            kwargsrepr="{}",
             headers={
                 handlers.HEADER_EVENT_ID: event.id,
                 handlers.HEADER_EVENT_TYPE: event.type,

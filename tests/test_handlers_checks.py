@@ -158,3 +158,10 @@ def test_problem_as_dict() -> None:
     (problem,) = find_problems(outbox)
     assert problem.as_dict()["level"] == "error"
     assert str(problem).startswith("error: outbox_processing_timeout_ms: ")
+
+
+def test_sqs_default_visibility_is_half_an_hour() -> None:
+    """SQS's 1800 s default counts against a lease of half an hour or more."""
+    outbox = outbox_with("sqs://", outbox_processing_timeout_ms=1_800_000)
+    assert "visibility_timeout of 1800 s" in find_problems(outbox)[0].message
+    assert find_problems(outbox_with("sqs://")) == []
