@@ -1,10 +1,11 @@
-"""The main job: ``python -m celery_outbox.demo --json`` on real parts."""
+"""The main job: ``celery-outbox demo --json`` on real parts."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +14,15 @@ from tests.celery_support import ROOT
 pytestmark = pytest.mark.integration
 
 
-def run_demo(*args: str) -> dict[str, object]:
+# The console script of this environment, and the module form.
+CONSOLE = [str(Path(sys.executable).with_name("celery-outbox")), "demo"]
+MODULE = [sys.executable, "-m", "celery_outbox.demo"]
+
+
+def run_demo(command: list[str], *args: str) -> dict[str, object]:
     """Run the demo as a user would and return its JSON summary."""
     done = subprocess.run(
-        [sys.executable, "-m", "celery_outbox.demo", "--json", *args],
+        [*command, "--json", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,11 +34,15 @@ def run_demo(*args: str) -> dict[str, object]:
     return summary
 
 
-@pytest.mark.parametrize("broker", ["redis", "embedded"])
-def test_demo_json_reports_every_event(redis_url: str, broker: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "broker"), [(CONSOLE, "redis"), (MODULE, "embedded")]
+)
+def test_demo_json_reports_every_event(
+    redis_url: str, command: list[str], broker: str
+) -> None:
     """Every emitted event is completed or failed as intended; one retry completes."""
     url = redis_url if broker == "redis" else "embedded"
-    summary = run_demo("--events", "50", "--broker", url)
+    summary = run_demo(command, "--events", "50", "--broker", url)
     assert summary["ok"] is True
     assert summary["emitted"] == 50
     # Order 20 of 25 is exported to the offline ERP: that one event fails.
