@@ -249,7 +249,7 @@ class HandlerTask(Task):  # type: ignore[misc]
             store.short_error(error),
             "no retries left, now failed"
             if outcome is Outcome.FAILED
-            else "it will be retried",
+            else "will be retried",
         )
 
     def _write_back(
