@@ -98,11 +98,17 @@ def register_handler(
         if issubclass(base, handlers.HandlerTask)
         else (handlers.HandlerTask, base)
     )
-    base_cls = type(
-        f"{fn.__name__}_handler",
-        bases,
-        {"outbox": outbox, "event_type": event_type, "__module__": fn.__module__},
-    )
+    attrs: dict[str, Any] = {
+        "outbox": outbox,
+        "event_type": event_type,
+        "__module__": fn.__module__,
+    }
+    # HandlerTask comes first in the bases and would hide a retry limit or
+    # delay that the user's base class sets on purpose.
+    for name in ("max_retries", "default_retry_delay"):
+        if getattr(base, name) != getattr(Task, name):
+            attrs[name] = getattr(base, name)
+    base_cls = type(f"{fn.__name__}_handler", bases, attrs)
     options.setdefault("ignore_result", True)
     # A handler belongs to this outbox's app; Celery's default (shared)
     # would copy it into every app created later in the process.

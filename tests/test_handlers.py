@@ -119,6 +119,22 @@ class TestDecorator:
         assert seen == [f"outbox:{emitted.id}:1"]
         assert outbox.store.status_of(emitted.id) is None
 
+    def test_base_class_retry_settings_are_kept(self, outbox: Outbox) -> None:
+        """max_retries and default_retry_delay of a base= class still apply."""
+
+        class Patient(Task):  # type: ignore[misc]
+            max_retries = 1
+            default_retry_delay = 7
+
+        @outbox.handler("order.created", base=Patient)
+        def handle(event: Event) -> None: ...
+
+        @outbox.handler("order.paid")
+        def plain(event: Event) -> None: ...
+
+        assert (handle.max_retries, handle.default_retry_delay) == (1, 7)
+        assert (plain.max_retries, plain.default_retry_delay) == (None, None)
+
     def test_rejects_bad_registrations(self, outbox: Outbox) -> None:
         """A bare decorator, a second handler or retry_on_worker_lost is refused."""
         with pytest.raises(HandlerError, match="event type first"):
