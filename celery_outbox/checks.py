@@ -20,12 +20,12 @@ stops the worker when one is an error.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
+from celery.utils.log import get_logger
 
 from celery_outbox import settings
 
@@ -41,7 +41,7 @@ __all__ = [
     "install",
 ]
 
-logger = logging.getLogger("celery_outbox.checks")
+logger = get_logger("celery_outbox.checks")
 
 DEFAULT_VISIBILITY_TIMEOUT_S = {
     "redis": 3600,

@@ -24,7 +24,6 @@ producer only: emit and inspect, no handlers.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -39,8 +38,6 @@ from celery_outbox.event import Event
 from celery_outbox.store import Clock, OutboxStore
 
 __all__ = ["Outbox"]
-
-logger = logging.getLogger("celery_outbox")
 
 DRAIN_TASK = "celery_outbox.drain"
 
