@@ -38,6 +38,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import BotoCoreError
 from celery import Task
 from celery.exceptions import (
     Ignore,
@@ -257,7 +258,7 @@ class HandlerTask(Task):  # type: ignore[misc]
     ) -> Outcome | None:
         try:
             return write(lease)
-        except OutboxError as exc:
+        except (OutboxError, BotoCoreError) as exc:
             # The outcome is lost, not the event: the lease expires and the
             # next drain reclaims it, counted as a failed attempt.
             logger.error(

@@ -471,3 +471,21 @@ class TestDrainErrors:
         cap_s = outbox.config.max_error_backoff_ms / 1000
         assert outbox.drain_paused_until - before <= cap_s + 0.1
         assert outbox.drain_paused_until - before >= cap_s - 0.1
+
+
+def test_failed_write_back_leaves_the_event_to_its_lease(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DynamoDB refusing a completion is logged; the event stays active."""
+
+    @outbox.handler("order.created")
+    def handle(event: Event) -> None: ...
+
+    def refuse(lease: Any) -> Any:
+        raise StoreError("DynamoDB delete on 't' failed: InternalServerError")
+
+    monkeypatch.setattr(outbox.store, "complete", refuse)
+    emitted = outbox.emit("order.created")
+    assert outbox.drain()["dispatched"] == 1
+    assert item(outbox, emitted.id)["status"]["S"] == "active"
+    assert "Could not write back the completion" in caplog.text
