@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -158,6 +158,11 @@ class Outbox:
         Build them with :meth:`Event.new`. Without a collector they are
         written in one request; with one they are appended to it.
         """
+        if isinstance(events, Event) or not isinstance(events, Iterable):
+            raise EventError(
+                f"publish takes a list of Event objects, got {type(events).__name__}"
+                "; emit writes a single event"
+            )
         events = list(events)
         for event in events:
             if not isinstance(event, Event):

@@ -17,6 +17,7 @@ from celery.exceptions import WorkerLostError
 
 from celery_outbox import (
     Event,
+    EventError,
     HandlerError,
     Outbox,
     Status,
@@ -489,3 +490,9 @@ def test_failed_write_back_leaves_the_event_to_its_lease(
     assert outbox.drain()["dispatched"] == 1
     assert item(outbox, emitted.id)["status"]["S"] == "active"
     assert "Could not write back the completion" in caplog.text
+
+
+def test_publish_of_one_event_not_in_a_list_is_refused() -> None:
+    """publish given a bare Event raises EventError instead of a TypeError."""
+    with pytest.raises(EventError, match="list of Event objects"):
+        Outbox().publish(Event.new("order.created"))  # type: ignore[arg-type]
