@@ -194,7 +194,17 @@ class DynamoTable:
                 TransactItems=list(actions), ClientRequestToken=str(uuid.uuid4())
             )
         except ClientError as exc:
-            if error_code(exc) != "TransactionCanceledException":
+            code = error_code(exc)
+            tables = sorted({str(next(iter(a.values()))["TableName"]) for a in actions})
+            if code == "ResourceNotFoundException" and tables != [self.table]:
+                # The missing table may be one of the caller's, not the outbox's.
+                raise TableError(
+                    self.table,
+                    f"transaction failed: one of the tables {tables} does not "
+                    "exist (the outbox's is checked by `celery -A proj outbox "
+                    "check`)",
+                ) from exc
+            if code != "TransactionCanceledException":
                 raise self._error("transaction", exc) from exc
             reasons = exc.response.get("CancellationReasons") or []
             return [str(r.get("Code") or "None") for r in reasons]

@@ -18,6 +18,7 @@ from celery_outbox import (
     OutboxStore,
     PayloadError,
     Status,
+    TableError,
     TransactionCancelledError,
 )
 
@@ -222,6 +223,16 @@ def test_cancelled_transaction_writes_no_event(store: OutboxStore) -> None:
         outbox.emit("order.created", {"order_id": "o-1"})
     assert caught.value.reasons == ["ConditionalCheckFailed", "None"]
     assert "action 0 (Put on" in str(caught.value)
+    assert scan(store) == []
+
+
+def test_missing_business_table_is_named(store: OutboxStore) -> None:
+    """A transaction on a caller's missing table names it, not only the outbox's."""
+    outbox = producer(store)
+    with pytest.raises(TableError) as caught, outbox.transaction() as tx:
+        tx.put("no-such-orders", {"order_id": "o-1"})
+        outbox.emit("order.created", {"order_id": "o-1"})
+    assert "'no-such-orders'" in str(caught.value)
     assert scan(store) == []
 
 
