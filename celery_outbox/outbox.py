@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -33,13 +34,15 @@ from typing import Any
 from celery_outbox import collector as collectors
 from celery_outbox import settings
 from celery_outbox.config import OutboxConfig
-from celery_outbox.errors import EventError, HandlerError
+from celery_outbox.errors import ConfigError, EventError, HandlerError
 from celery_outbox.event import Event
 from celery_outbox.store import Clock, OutboxStore
 
 __all__ = ["Outbox"]
 
 DRAIN_TASK = "celery_outbox.drain"
+
+_INSTALLED: weakref.WeakKeyDictionary[Any, Outbox] = weakref.WeakKeyDictionary()
 
 
 class Outbox:
@@ -66,6 +69,14 @@ class Outbox:
     ) -> None:
         self.app = app
         if app is not None:
+            # Celery keeps the first task registered under a name, so a second
+            # outbox's drain would never run and its handlers never be found.
+            if app in _INSTALLED:
+                raise ConfigError(
+                    "app",
+                    f"the Celery app {app.main!r} already has an Outbox; import "
+                    "that one instead of making a second one on the same app",
+                )
             settings.install(app)
         self._config = config
         self._options = options
@@ -86,6 +97,7 @@ class Outbox:
             from celery_outbox import tasks
 
             tasks.install(self)
+            _INSTALLED[app] = self
 
     def __repr__(self) -> str:
         table = self.config.table_name

@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Task
+from celery import Celery, Task
 from celery.exceptions import WorkerLostError
 
 from celery_outbox import (
+    ConfigError,
     Event,
     EventError,
     HandlerError,
@@ -496,3 +497,12 @@ def test_publish_of_one_event_not_in_a_list_is_refused() -> None:
     """publish given a bare Event raises EventError instead of a TypeError."""
     with pytest.raises(EventError, match="list of Event objects"):
         Outbox().publish(Event.new("order.created"))  # type: ignore[arg-type]
+
+
+def test_second_outbox_on_one_app_is_refused() -> None:
+    """A second Outbox(app) raises ConfigError, since its drain would never run."""
+    app = Celery("twice", set_as_current=False)
+    Outbox(app)
+    with pytest.raises(ConfigError, match="already has an Outbox"):
+        Outbox(app)
+    assert Outbox(Celery("other", set_as_current=False)).app is not app
