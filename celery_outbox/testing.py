@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args[:1] == ["serve"]:
         port = int(args[1]) if len(args) > 1 else 8000
+        # SIGTERM (kill, a supervisor) must stop Java too, as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with DynamoDBLocal(port) as local:
             print(
                 f"DynamoDB Local at {local.endpoint_url}; Ctrl-C stops it", flush=True
