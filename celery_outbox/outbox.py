@@ -24,6 +24,7 @@ producer only: emit and inspect, no handlers.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import weakref
@@ -39,6 +40,11 @@ from celery_outbox.event import Event
 from celery_outbox.store import Clock, OutboxStore
 
 __all__ = ["Outbox"]
+
+# The transaction open in this context, so that a nested one joins it.
+_open_transaction: contextvars.ContextVar[collectors.Transaction | None] = (
+    contextvars.ContextVar("celery_outbox_transaction", default=None)
+)
 
 DRAIN_TASK = "celery_outbox.drain"
 
@@ -202,16 +208,32 @@ class Outbox:
         """Collect business actions and events; commit them as one transaction.
 
         The commit happens when the block exits normally; an exception
-        inside the block writes nothing.
+        inside the block writes nothing. A transaction opened inside another
+        (by a helper function, say) joins it: nothing is written until the
+        outermost block exits, and an exception leaving the inner block takes
+        back only what the inner block added.
 
         Raises:
             EventExistsError: an emitted id already exists; nothing written.
             StoreError: DynamoDB cancelled the transaction (a condition of
                 one of the caller's actions, say); nothing written.
         """
+        outer = _open_transaction.get()
+        if outer is not None:
+            mark = len(outer.actions)
+            try:
+                yield outer
+            except BaseException:
+                del outer.actions[mark:]
+                raise
+            return
         tx = collectors.Transaction()
-        with collectors.collecting(tx.actions):
-            yield tx
+        token = _open_transaction.set(tx)
+        try:
+            with collectors.collecting(tx.actions):
+                yield tx
+        finally:
+            _open_transaction.reset(token)
         self.store.commit(tx.actions)
 
     # -- handlers ------------------------------------------------------------

@@ -213,6 +213,45 @@ def test_exception_in_transaction_writes_nothing(store: OutboxStore) -> None:
     assert scan(store) == []
 
 
+def test_nested_transaction_joins_the_outer_one(store: OutboxStore) -> None:
+    """An inner transaction commits nothing itself; the outer block decides."""
+    outbox = producer(store)
+    orders = orders_table(store)
+
+    def place(order_id: str) -> None:
+        with outbox.transaction() as inner:
+            inner.put(orders, {"order_id": order_id})
+            outbox.emit("order.created", {"order_id": order_id})
+
+    with pytest.raises(RuntimeError), outbox.transaction():
+        place("o-1")
+        assert scan(store) == []  # not committed by the inner block
+        raise RuntimeError("outer block fails")
+    assert scan(store, orders) == []
+    assert scan(store) == []
+
+
+def test_failed_inner_transaction_takes_back_its_own_actions(
+    store: OutboxStore,
+) -> None:
+    """An exception leaving an inner block removes only what it added."""
+    outbox = producer(store)
+    orders = orders_table(store)
+    with outbox.transaction() as outer:
+        outer.put(orders, {"order_id": "o-1"})
+        kept = outbox.emit("order.created", {"order_id": "o-1"})
+        try:
+            with outbox.transaction() as inner:
+                inner.put(orders, {"order_id": "o-2"})
+                outbox.emit("order.created", {"order_id": "o-2"})
+                raise ValueError("o-2 is invalid")
+        except ValueError:
+            pass
+        assert len(outer) == 2
+    assert scan(store, orders) == [{"order_id": {"S": "o-1"}}]
+    assert [item["id"]["S"] for item in scan(store)] == [kept.id]
+
+
 def test_cancelled_transaction_writes_no_event(store: OutboxStore) -> None:
     """When the caller's own condition fails, the event is not written either."""
     outbox = producer(store)
