@@ -10,25 +10,29 @@ dispatch. A nudge is a hint and is safe to lose: it is sent without broker
 retries and expires after a poll interval; beat still drains.
 
 **Follow-ups** (``busy_poll_interval_ms``, on by default): a drain started by
-beat that claimed events starts a short chain of drains for the rest of the
-poll interval: the next one at once after a full batch, or after
-``busy_poll_interval_ms`` after a partial one; a drain that claims nothing
-ends the chain. Each chain ends before the next beat tick starts another,
-so at most about two run at a time. A follow-up is queued as soon as the
-claim is done, just ahead of the handler tasks of that batch: the next claim
-overlaps their run, and claiming keeps pace with what the workers take (about
-one batch per chain waits in the broker). A nudged drain never starts a
-chain: nudges come from every producer and would multiply them.
+beat that claimed events starts a short chain of drains
+(:data:`FOLLOW_UP_TASK`) for the rest of the poll interval: the next one at
+once after a full batch, or after ``busy_poll_interval_ms`` after a partial
+one; a drain that claims nothing ends the chain. Each chain ends before the
+next beat tick starts another, so at most about two run at a time. A
+follow-up is queued as soon as the claim is done, just ahead of the handler
+tasks of that batch: the next claim overlaps their run, and claiming keeps
+pace with what the workers take (about one batch per chain waits in the
+broker). A nudged drain never starts a chain: nudges come from every
+producer and would multiply them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from celery import current_task
 
 from celery_outbox.event import Event
 from celery_outbox.store import wall_clock_ms
@@ -38,12 +42,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEBOUNCE_S",
+    "FOLLOW_UP_TASK",
     "HEADER_NUDGE",
-    "HEADER_UNTIL",
     "NUDGE_TASK",
     "Nudger",
     "after_claim",
     "drain_emitted",
+    "drain_more",
     "follow_up",
     "install",
 ]
@@ -62,11 +67,14 @@ MAX_BYTES = 64 * 1024
 NUDGE_TASK = "celery_outbox.claim_emitted"
 """The task a nudge sends: claim and dispatch the events it names."""
 
+FOLLOW_UP_TASK = "celery_outbox.drain_more"
+"""A follow-up drain; its argument is when its chain ends (epoch ms)."""
+
+BUSY_RETRY_MS = 20
+"""How soon a follow-up that found this process's drain lock taken retries."""
+
 HEADER_NUDGE = "outbox_nudge"
 """Set on drains sent by a nudge."""
-
-HEADER_UNTIL = "outbox_drain_until"
-"""On follow-up drains: when their chain ends (epoch milliseconds)."""
 
 
 class Nudger:
@@ -148,7 +156,7 @@ class Nudger:
 
 
 def install(outbox: Outbox) -> None:
-    """Register the task that claims the events a nudge names."""
+    """Register the tasks of nudges and follow-ups in the outbox's app."""
 
     @outbox.app.task(  # type: ignore[untyped-decorator]
         name=NUDGE_TASK, ignore_result=True, shared=False
@@ -156,7 +164,14 @@ def install(outbox: Outbox) -> None:
     def claim_emitted(events: list[dict[str, Any]]) -> dict[str, int]:
         return drain_emitted(outbox, events)
 
+    @outbox.app.task(  # type: ignore[untyped-decorator]
+        name=FOLLOW_UP_TASK, ignore_result=True, shared=False
+    )
+    def follow_up_drain(until: int) -> dict[str, int]:
+        return drain_more(outbox, until)
+
     _nudge_tasks[id(outbox)] = claim_emitted
+    _follow_up_tasks[id(outbox)] = follow_up_drain
 
 
 def drain_emitted(outbox: Outbox, events: list[dict[str, Any]]) -> dict[str, int]:
@@ -181,23 +196,28 @@ _nudge_tasks: dict[int, Any] = {}
 
 
 def follow_up(
-    outbox: Outbox, summary: Any, headers: dict[str, Any], now_ms: int
+    outbox: Outbox, claimed: int, *, until_ms: int | None, nudged: bool, now_ms: int
 ) -> tuple[float, int] | None:
-    """Whether a finished drain should be followed by another, and when.
+    """Whether a drain that claimed ``claimed`` events is followed by another.
 
-    Returns ``(countdown_s, chain_end_ms)`` for the next drain, or None.
+    ``until_ms`` is the end of the drain's chain (None: the drain starts one),
+    ``nudged`` marks a drain sent by a nudge. Returns ``(countdown_s,
+    chain_end_ms)`` for the next drain, or None.
     """
     config = outbox.config
     busy_ms = config.busy_poll_interval_ms
-    claimed = summary.get("claimed", 0) if isinstance(summary, dict) else 0
-    if busy_ms == 0 or not claimed or headers.get(HEADER_NUDGE):
+    if busy_ms == 0 or claimed <= 0 or nudged:
         return None
-    until = headers.get(HEADER_UNTIL)
-    until = now_ms + config.poll_interval_ms if until is None else int(until)
+    until = now_ms + config.poll_interval_ms if until_ms is None else until_ms
     delay_ms = 0 if claimed >= config.batch_size else busy_ms
     if now_ms + delay_ms >= until:
         return None
     return delay_ms / 1000, until
+
+
+_chain_end: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "celery_outbox_chain_end", default=None
+)
 
 
 def after_claim(outbox: Outbox, claimed: int) -> None:
@@ -207,26 +227,53 @@ def after_claim(outbox: Outbox, claimed: int) -> None:
     ahead of this batch's handler tasks, so the next claim overlaps their
     run, while at most about one batch per chain waits in the broker.
     """
-    task = outbox.drain_task
-    if task is None:
-        return
-    request = task.request
-    if request is None or request.called_directly:
-        return  # a drain called in-process (tests, the CLI) starts no chain
-    headers = {name: _header(request, name) for name in (HEADER_NUDGE, HEADER_UNTIL)}
-    headers = {k: v for k, v in headers.items() if v is not None}
-    plan = follow_up(outbox, {"claimed": claimed}, headers, wall_clock_ms())
-    if plan is None:
-        return
-    countdown_s, until = plan
+    until = _chain_end.get()
+    nudged = False
+    if until is None:
+        task = current_task  # a proxy: false outside a task
+        if not task or task.request.called_directly or (
+            task.name != getattr(outbox.drain_task, "name", None)
+        ):
+            return  # a drain called in-process (tests, the CLI) starts no chain
+        nudged = bool(_header(task.request, HEADER_NUDGE))
+    plan = follow_up(
+        outbox, claimed, until_ms=until, nudged=nudged, now_ms=wall_clock_ms()
+    )
+    if plan is not None:
+        _send_follow_up(outbox, *plan)
+
+
+def _send_follow_up(outbox: Outbox, countdown_s: float, until: int) -> None:
     try:
-        task.apply_async(
-            headers={HEADER_UNTIL: until},
+        _follow_up_tasks[id(outbox)].apply_async(
+            (until,),
             countdown=countdown_s or None,
             expires=max(0.001, (until - wall_clock_ms()) / 1000),
         )
     except Exception as exc:  # beat drains anyway
         logger.warning("Could not send a follow-up drain: %s", exc)
+
+
+def drain_more(outbox: Outbox, until: int) -> dict[str, int]:
+    """A follow-up drain: the outbox's drain, as part of a chain ending at ``until``.
+
+    When another drain of this process holds the drain lock (the one that
+    sent this follow-up may still be dispatching), it comes back shortly
+    rather than ending the chain.
+    """
+    from celery_outbox import tasks
+
+    token = _chain_end.set(until)
+    try:
+        summary = tasks.drain(outbox)
+    finally:
+        _chain_end.reset(token)
+    if summary.get("busy") and wall_clock_ms() + BUSY_RETRY_MS < until:
+        _send_follow_up(outbox, BUSY_RETRY_MS / 1000, until)
+    return summary
+
+
+_follow_up_tasks: dict[int, Any] = {}
 
 
 def _header(request: Any, name: str) -> Any:

@@ -18,7 +18,7 @@ from celery import Celery
 
 from celery_outbox import Event, Outbox, OutboxConfig, Status
 from celery_outbox import nudge as nudges
-from celery_outbox.nudge import HEADER_NUDGE, HEADER_UNTIL, Nudger, follow_up
+from celery_outbox.nudge import HEADER_NUDGE, Nudger, follow_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,40 +49,79 @@ class FakeOutbox:
         self.config = OutboxConfig(**options)
         self.drain_task = FakeTask("celery_outbox.drain")
         self.claim_task = FakeTask(nudges.NUDGE_TASK)
+        self.more_task = FakeTask(nudges.FOLLOW_UP_TASK)
         nudges._nudge_tasks[id(self)] = self.claim_task
+        nudges._follow_up_tasks[id(self)] = self.more_task
 
 
 class TestFollowUp:
-    """When a finished drain is followed by another."""
+    """When a drain is followed by another."""
 
     def test_a_full_batch_continues_at_once(self) -> None:
         """After a full batch the next drain runs without delay."""
         outbox: Any = FakeOutbox(batch_size=50)
-        assert follow_up(outbox, {"claimed": 50}, {}, 1000) == (0.0, 2000)
+        plan = follow_up(outbox, 50, until_ms=None, nudged=False, now_ms=1000)
+        assert plan == (0.0, 2000)
 
     def test_a_partial_batch_continues_after_the_busy_interval(self) -> None:
         """After a partial batch the next drain waits busy_poll_interval_ms."""
         outbox: Any = FakeOutbox(busy_poll_interval_ms=100)
-        assert follow_up(outbox, {"claimed": 3}, {HEADER_UNTIL: 1500}, 1000) == (
-            0.1, 1500
-        )
+        plan = follow_up(outbox, 3, until_ms=1500, nudged=False, now_ms=1000)
+        assert plan == (0.1, 1500)
 
     @pytest.mark.parametrize(
-        ("summary", "headers", "options"),
+        ("claimed", "until", "nudged", "options"),
         [
-            ({"claimed": 0}, {}, {}),
-            ({"claimed": 5}, {HEADER_NUDGE: True}, {}),
-            ({"claimed": 5}, {HEADER_UNTIL: 1050}, {}),
-            ({"claimed": 5}, {}, {"busy_poll_interval_ms": 0}),
-            (None, {}, {}),
+            (0, None, False, {}),
+            (5, None, True, {}),
+            (5, 1050, False, {}),
+            (5, None, False, {"busy_poll_interval_ms": 0}),
         ],
     )
     def test_chains_end(
-        self, summary: Any, headers: dict[str, Any], options: dict[str, Any]
+        self, claimed: int, until: int | None, nudged: bool, options: dict[str, Any]
     ) -> None:
         """Nothing claimed, a nudged drain, a chain past its end, or turned off."""
         outbox: Any = FakeOutbox(**options)
-        assert follow_up(outbox, summary, headers, 1000) is None
+        assert follow_up(
+            outbox, claimed, until_ms=until, nudged=nudged, now_ms=1000
+        ) is None
+
+
+    def test_a_drain_called_in_process_starts_no_chain(self) -> None:
+        """Outside a worker task (the CLI, tests) a full claim sends nothing."""
+        outbox: Any = FakeOutbox(batch_size=5)
+        nudges.after_claim(outbox, 5)
+        assert outbox.more_task.calls == []
+
+    def test_a_follow_up_continues_its_chain(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A follow-up's full claim sends the next one, with the same chain end."""
+        from celery_outbox import tasks
+
+        outbox: Any = FakeOutbox(batch_size=5)
+        until = nudges.wall_clock_ms() + 60_000
+        monkeypatch.setattr(
+            tasks, "drain", lambda o: nudges.after_claim(o, 5) or {"claimed": 5}
+        )
+        nudges.drain_more(outbox, until)
+        ((args, options),) = outbox.more_task.calls
+        assert args == (until,) and options["countdown"] is None
+
+    def test_a_follow_up_that_finds_the_lock_taken_comes_back(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A follow-up that could not drain (lock busy) is sent again shortly."""
+        from celery_outbox import tasks
+
+        outbox: Any = FakeOutbox()
+        until = nudges.wall_clock_ms() + 60_000
+        monkeypatch.setattr(tasks, "drain", lambda o: {"claimed": 0, "busy": 1})
+        nudges.drain_more(outbox, until)
+        ((args, options),) = outbox.more_task.calls
+        assert args == (until,)
+        assert options["countdown"] == nudges.BUSY_RETRY_MS / 1000
 
 
 class TestNudger:
