@@ -126,19 +126,41 @@ def worker(settings: Settings, run: Run, redis: Any) -> Iterator[None]:
     log = open(run.tmp / "worker.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker",
-            "-B", "-s", str(run.tmp / "beat-schedule"),
-            "-Q", run.queue, "-P", settings.pool, "-c", str(settings.concurrency),
-            "-n", f"{run.queue}@%h", "-l", os.environ.get("BENCH_LOGLEVEL", "WARNING"),
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "benchmarks.app",
+            "worker",
+            "-B",
+            "-s",
+            str(run.tmp / "beat-schedule"),
+            "-Q",
+            run.queue,
+            "-P",
+            settings.pool,
+            "-c",
+            str(settings.concurrency),
+            "-n",
+            f"{run.queue}@%h",
+            "-l",
+            os.environ.get("BENCH_LOGLEVEL", "WARNING"),
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
         ],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     run.worker_pid = proc.pid
     try:
         wait_for(
             lambda: redis.get(f"{run.key}:ready") is not None,
-            60, "the worker to start", proc,
+            60,
+            "the worker to start",
+            proc,
         )
         yield
     finally:
@@ -161,8 +183,9 @@ def wait_for(
     end = time.monotonic() + timeout_s
     while not condition():
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {proc.returncode} "
-                               f"while waiting for {what}")
+            raise RuntimeError(
+                f"the worker exited with {proc.returncode} while waiting for {what}"
+            )
         if time.monotonic() > end:
             raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.005)
@@ -205,7 +228,8 @@ def per_event(counts: counting.Counts, events: int) -> dict[str, Any]:
     """Requests and capacity per event: totals and the split by operation."""
     by_op = {
         k.split(":", 1)[1]: round(v / events, 4)
-        for k, v in sorted(counts.items()) if k.startswith("req:")
+        for k, v in sorted(counts.items())
+        if k.startswith("req:")
     }
     wcu = sum(v for k, v in counts.items() if k.startswith("wcu:"))
     modelled = sum(v for k, v in counts.items() if k.startswith("wcu_modelled:"))
@@ -225,8 +249,10 @@ def per_event(counts: counting.Counts, events: int) -> dict[str, Any]:
 def emit_phase(settings: Settings, run: Run) -> dict[str, Any]:
     """Emit throughput by kind, on a table no worker drains."""
     config = OutboxConfig(
-        table_name=run.emit_table, endpoint_url=settings.endpoint,
-        region_name="us-east-1", **emit_options(settings),
+        table_name=run.emit_table,
+        endpoint_url=settings.endpoint,
+        region_name="us-east-1",
+        **emit_options(settings),
     )
     producer = Outbox(config=config)
     n = settings.emit_events
@@ -238,17 +264,21 @@ def emit_phase(settings: Settings, run: Run) -> dict[str, Any]:
 
     def batch() -> None:
         for start in range(0, n, EMIT_BATCH):
-            producer.publish([
-                Event.new("bench.emit", {"i": i})
-                for i in range(start, min(n, start + EMIT_BATCH))
-            ])
+            producer.publish(
+                [
+                    Event.new("bench.emit", {"i": i})
+                    for i in range(start, min(n, start + EMIT_BATCH))
+                ]
+            )
 
     def each() -> None:
         for start in range(0, n, EMIT_BATCH):
-            producer.publish_each([
-                Event.new("bench.emit", {"i": i})
-                for i in range(start, min(n, start + EMIT_BATCH))
-            ])
+            producer.publish_each(
+                [
+                    Event.new("bench.emit", {"i": i})
+                    for i in range(start, min(n, start + EMIT_BATCH))
+                ]
+            )
 
     def transaction() -> None:
         for i in range(n):
@@ -256,8 +286,12 @@ def emit_phase(settings: Settings, run: Run) -> dict[str, Any]:
                 tx.put(run.orders_table, {"id": uuid.uuid4().hex, "total": i})
                 producer.emit("bench.emit", {"i": i})
 
-    for name, body in (("single", single), ("batch", batch), ("each", each),
-                       ("transaction", transaction)):
+    for name, body in (
+        ("single", single),
+        ("batch", batch),
+        ("each", each),
+        ("transaction", transaction),
+    ):
         before = counting.COUNTER.snapshot()
         started = time.perf_counter()
         body()
@@ -283,8 +317,11 @@ def bare_phase(settings: Settings, run: Run, redis: Any, app: Any) -> dict[str, 
     started = time.perf_counter()
     for _ in range(n):
         noop.apply_async(queue=run.queue)
-    wait_for(lambda: int(redis.get(f"{run.key}:done") or 0) >= n,
-             max(120, n / 5), "the bare tasks")
+    wait_for(
+        lambda: int(redis.get(f"{run.key}:done") or 0) >= n,
+        max(120, n / 5),
+        "the bare tasks",
+    )
     elapsed = time.perf_counter() - started
     return {
         "tasks_per_s": round(n / elapsed, 1),
@@ -306,14 +343,18 @@ def outbox_phase(
     cpu = meter.read()
     started = time.perf_counter()
     if settings.e2e_emit != "single":
-        publish = producer.publish if settings.e2e_emit == "batch" else (
-            producer.publish_each
+        publish = (
+            producer.publish
+            if settings.e2e_emit == "batch"
+            else (producer.publish_each)
         )
         for start in range(0, n, EMIT_BATCH):
-            publish([
-                Event.new("bench.event", {"sent": 0})
-                for _ in range(start, min(n, start + EMIT_BATCH))
-            ])
+            publish(
+                [
+                    Event.new("bench.event", {"sent": 0})
+                    for _ in range(start, min(n, start + EMIT_BATCH))
+                ]
+            )
     else:
         for _ in range(n):
             producer.emit("bench.event", {"sent": 0})
@@ -363,8 +404,11 @@ def latency_phase(
         if pause > 0:
             time.sleep(pause)
         send(time.time())
-    wait_for(lambda: int(redis.get(f"{run.key}:done") or 0) >= n,
-             max(120, n), "the latency probes")
+    wait_for(
+        lambda: int(redis.get(f"{run.key}:done") or 0) >= n,
+        max(120, n),
+        "the latency probes",
+    )
     samples = sorted(float(v) * 1000 for v in redis.lrange(f"{run.key}:latency", 0, -1))
     return {
         "events": n,
@@ -379,8 +423,11 @@ def one_run(settings: Settings, number: int) -> dict[str, Any]:
 
     tag = uuid.uuid4().hex[:8]
     run = Run(
-        key=f"bench:{tag}", queue=f"bench-{tag}", table=f"bench-{tag}",
-        emit_table=f"bench-emit-{tag}", orders_table=f"bench-orders-{tag}",
+        key=f"bench:{tag}",
+        queue=f"bench-{tag}",
+        table=f"bench-{tag}",
+        emit_table=f"bench-emit-{tag}",
+        orders_table=f"bench-orders-{tag}",
         tmp=Path(tempfile.mkdtemp(prefix="outbox-bench-")),
     )
     redis = redis_lib.Redis.from_url(settings.broker)
@@ -391,18 +438,23 @@ def one_run(settings: Settings, number: int) -> dict[str, Any]:
             client=checker,
         ).create_table()
     checker.create_table(
-        TableName=run.orders_table, BillingMode="PAY_PER_REQUEST",
+        TableName=run.orders_table,
+        BillingMode="PAY_PER_REQUEST",
         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
         KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
     )
-    app, producer = make_app({
-        **worker_env(settings, run),
-        "BENCH_OUTBOX": json.dumps({**settings.outbox, "nudge": False}),
-    })
-    _, nudging = make_app({
-        **worker_env(settings, run),
-        "BENCH_OUTBOX": json.dumps({**settings.outbox, "nudge": True}),
-    })
+    app, producer = make_app(
+        {
+            **worker_env(settings, run),
+            "BENCH_OUTBOX": json.dumps({**settings.outbox, "nudge": False}),
+        }
+    )
+    _, nudging = make_app(
+        {
+            **worker_env(settings, run),
+            "BENCH_OUTBOX": json.dumps({**settings.outbox, "nudge": True}),
+        }
+    )
     result: dict[str, Any] = {"run": number}
     try:
         result["emit"] = emit_phase(settings, run)
@@ -418,15 +470,21 @@ def one_run(settings: Settings, number: int) -> dict[str, Any]:
             noop = app.tasks["bench.noop"]
             result["latency"] = {
                 "bare": latency_phase(
-                    settings, run, redis,
+                    settings,
+                    run,
+                    redis,
                     lambda sent: noop.apply_async((sent,), queue=run.queue),
                 ),
                 "outbox": latency_phase(
-                    settings, run, redis,
+                    settings,
+                    run,
+                    redis,
                     lambda sent: producer.emit("bench.event", {"sent": sent}),
                 ),
                 "outbox_nudge": latency_phase(
-                    settings, run, redis,
+                    settings,
+                    run,
+                    redis,
                     lambda sent: nudging.emit("bench.event", {"sent": sent}),
                 ),
             }
@@ -493,8 +551,10 @@ def report(summary: dict[str, Any], runs: int) -> str:
         "(1 PutItem + the worker's)"
     )
     lines += ["", "CPU per event, ms (DynamoDB Local / worker / producer):"]
-    for name, cpu in (("bare Celery", e2e["bare"]["cpu_ms_per_task"]),
-                      ("outbox", e2e["outbox"]["cpu_ms_per_event"])):
+    for name, cpu in (
+        ("bare Celery", e2e["bare"]["cpu_ms_per_task"]),
+        ("outbox", e2e["outbox"]["cpu_ms_per_event"]),
+    ):
         shown = " / ".join(
             "-" if cpu.get(k) is None else f"{cpu[k]:.2f}"
             for k in ("dynamodb_local", "worker", "producer")
@@ -521,31 +581,58 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the medians (``--json``: every run too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--events", type=int, default=1000,
-                        help="events (and bare tasks) end to end, per run")
-    parser.add_argument("--emit-events", type=int, default=500,
-                        help="events per emit kind, per run")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=1000,
+        help="events (and bare tasks) end to end, per run",
+    )
+    parser.add_argument(
+        "--emit-events", type=int, default=500, help="events per emit kind, per run"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs to take medians of")
-    parser.add_argument("--rate", type=float, default=20.0,
-                        help="events per second in the latency phase")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="events per second in the latency phase",
+    )
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--pool", default="prefork", help="the worker's pool")
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--e2e-emit", choices=["batch", "each", "single"],
-                        default="batch",
-                        help="how the end-to-end producer emits: publish or "
-                        f"publish_each {EMIT_BATCH} at a time, or one by one "
-                        "(default: batch)")
-    parser.add_argument("--outbox", action="append", default=[], metavar="NAME=VALUE",
-                        help="an outbox option for producer and worker")
-    parser.add_argument("--broker", default=os.environ.get(
-        "BENCH_BROKER", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--endpoint", default=os.environ.get("BENCH_DYNAMODB"),
-                        help="a running DynamoDB Local (default: start one)")
-    parser.add_argument("--warmup", type=int, default=1500, metavar="EVENTS",
-                        help="events of an untimed first run (0: none)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small, fast run (smoke test)")
+    parser.add_argument(
+        "--e2e-emit",
+        choices=["batch", "each", "single"],
+        default="batch",
+        help="how the end-to-end producer emits: publish or "
+        f"publish_each {EMIT_BATCH} at a time, or one by one "
+        "(default: batch)",
+    )
+    parser.add_argument(
+        "--outbox",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an outbox option for producer and worker",
+    )
+    parser.add_argument(
+        "--broker", default=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get("BENCH_DYNAMODB"),
+        help="a running DynamoDB Local (default: start one)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1500,
+        metavar="EVENTS",
+        help="events of an untimed first run (0: none)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a small, fast run (smoke test)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.emit_events, args.runs = 60, 30, 1
@@ -561,26 +648,42 @@ def main(argv: list[str] | None = None) -> int:
         endpoint = args.endpoint or local.endpoint_url  # type: ignore[union-attr]
         settings = Settings(
             dynamodb_pid=local.pid if local is not None else None,
-            endpoint=endpoint, broker=args.broker, events=args.events,
-            emit_events=args.emit_events, rate=args.rate,
-            latency_s=args.latency_seconds, pool=args.pool,
-            concurrency=args.concurrency, e2e_emit=args.e2e_emit, outbox=options,
+            endpoint=endpoint,
+            broker=args.broker,
+            events=args.events,
+            emit_events=args.emit_events,
+            rate=args.rate,
+            latency_s=args.latency_seconds,
+            pool=args.pool,
+            concurrency=args.concurrency,
+            e2e_emit=args.e2e_emit,
+            outbox=options,
         )
         if args.warmup:
             # DynamoDB Local (Java) runs several times slower until its JIT
             # has compiled the paths the outbox uses: warm them, untimed.
-            one_run(dataclasses.replace(
-                settings, events=args.warmup, emit_events=args.warmup // 4,
-                latency_s=1.0,
-            ), 0)
+            one_run(
+                dataclasses.replace(
+                    settings,
+                    events=args.warmup,
+                    emit_events=args.warmup // 4,
+                    latency_s=1.0,
+                ),
+                0,
+            )
         runs = [one_run(settings, i + 1) for i in range(args.runs)]
     summary = median_of(runs)
     if args.json:
-        print(json.dumps({
-            "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "median": summary,
-            "runs": runs,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                    "median": summary,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+        )
     else:
         print(report(summary, len(runs)))
     return 0

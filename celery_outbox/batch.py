@@ -12,13 +12,13 @@ make a claim fail, never hand out a lease on different data.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
+from celery.utils.log import get_logger
 
 from celery_outbox import event as ev
 from celery_outbox import partiql
@@ -30,7 +30,7 @@ from celery_outbox.store import ClaimResult, OutboxStore, Outcome
 
 __all__ = ["BatchStore", "InsertReport"]
 
-logger = logging.getLogger("celery_outbox.batch")
+logger = get_logger(__name__)
 
 _S, _N = "S", "N"
 ID, STATUS, SK = quote(ev.ID), quote(ev.STATUS), quote(ev.SORT_KEY)
@@ -105,8 +105,9 @@ class BatchStore:
                 response = self.store.client.query(**request)
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
-                raise StoreError(f"DynamoDB query on {self.store.table!r} failed: "
-                                 f"{code}", code) from exc
+                raise StoreError(
+                    f"DynamoDB query on {self.store.table!r} failed: {code}", code
+                ) from exc
             items.extend(response.get("Items", []))
             start = response.get("LastEvaluatedKey")
             if start is None or len(items) >= limit:
@@ -129,9 +130,11 @@ class BatchStore:
         if now - self._expired_checked_ms >= self.config.poll_interval_ms:
             self._expired_checked_ms = now
             expired = self.due(Status.ACTIVE, limit, now)
-        fresh = self.due(Status.CREATED, limit - len(expired), now) if (
-            len(expired) < limit
-        ) else []
+        fresh = (
+            self.due(Status.CREATED, limit - len(expired), now)
+            if (len(expired) < limit)
+            else []
+        )
         return self.claim_items(fresh, expired=expired, now=now)
 
     def claim_items(
@@ -174,7 +177,8 @@ class BatchStore:
                 exhausted += 1
                 logger.warning(
                     "Event %r (%s) failed: lease expired on its last attempt (%s)",
-                    item[ev.ID][_S], item.get(ev.TYPE, {}).get(_S),
+                    item[ev.ID][_S],
+                    item.get(ev.TYPE, {}).get(_S),
                     item[ev.RETRY_COUNT][_N],
                 )
             else:
@@ -197,9 +201,13 @@ class BatchStore:
             f"SET {STARTED} = ? WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? "
             f"AND {retry}",
             (
-                _s(self.keys.value(Status.ACTIVE, event_id)), _n(deadline),
-                _s(token), _n(now), _s(event_id),
-                _s(self.keys.value(Status.CREATED, event_id)), _n(now),
+                _s(self.keys.value(Status.ACTIVE, event_id)),
+                _n(deadline),
+                _s(token),
+                _n(now),
+                _s(event_id),
+                _s(self.keys.value(Status.CREATED, event_id)),
+                _n(now),
                 *retry_values,
             ),
             event_id,
@@ -220,39 +228,53 @@ class BatchStore:
         )
         seen = item.get(ev.LEASE_TOKEN, {}).get(_S)
         retry, retry_values = self._retry_condition(item)
-        where = (
-            f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND "
-            + (f"{TOKEN} = ?" if seen else f"{TOKEN} IS MISSING")
+        where = f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND " + (
+            f"{TOKEN} = ?" if seen else f"{TOKEN} IS MISSING"
         )
         where_values = (
-            _s(event_id), _s(self.keys.value(Status.ACTIVE, event_id)), _n(now),
-            *retry_values, *([_s(seen)] if seen else []),
+            _s(event_id),
+            _s(self.keys.value(Status.ACTIVE, event_id)),
+            _n(now),
+            *retry_values,
+            *([_s(seen)] if seen else []),
         )
         if retries > self.config.max_retries:
             after = {
-                **item, ev.STATUS: _s(Status.FAILED.value), ev.SORT_KEY: _n(now),
-                ev.RETRY_COUNT: _n(retries), ev.LAST_ERROR: _s(lost),
+                **item,
+                ev.STATUS: _s(Status.FAILED.value),
+                ev.SORT_KEY: _n(now),
+                ev.RETRY_COUNT: _n(retries),
+                ev.LAST_ERROR: _s(lost),
             }
             return Statement(
                 f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {RETRY} = ? "
                 f"SET {ERROR} = ? REMOVE {TOKEN} {where}",
                 (
-                    _s(Status.FAILED.value), _n(now), _n(retries), _s(lost),
+                    _s(Status.FAILED.value),
+                    _n(now),
+                    _n(retries),
+                    _s(lost),
                     *where_values,
                 ),
                 event_id,
             ), after
         logger.warning(
             "Reclaiming event %r: its lease expired (attempt %d lost)",
-            event_id, retries,
+            event_id,
+            retries,
         )
         after = {**item, ev.RETRY_COUNT: _n(retries), ev.LAST_ERROR: _s(lost)}
         return Statement(
             f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
             f"SET {STARTED} = ? SET {RETRY} = ? SET {ERROR} = ? {where}",
             (
-                _s(self.keys.value(Status.ACTIVE, event_id)), _n(deadline), _s(token),
-                _n(now), _n(retries), _s(lost), *where_values,
+                _s(self.keys.value(Status.ACTIVE, event_id)),
+                _n(deadline),
+                _s(token),
+                _n(now),
+                _n(retries),
+                _s(lost),
+                *where_values,
             ),
             event_id,
         ), after
@@ -275,7 +297,9 @@ class BatchStore:
             else:
                 logger.info(
                     "Ignored complete of event %r: lease %s is no longer live "
-                    "(reclaimed or already written back)", lease.event.id, lease.token,
+                    "(reclaimed or already written back)",
+                    lease.event.id,
+                    lease.token,
                 )
                 outcomes.append(Outcome.STALE)
         return outcomes
@@ -284,7 +308,9 @@ class BatchStore:
         event_id = lease.event.id
         where = f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ?"
         where_values = (
-            _s(event_id), _s(self.keys.value(Status.ACTIVE, event_id)), _s(lease.token),
+            _s(event_id),
+            _s(self.keys.value(Status.ACTIVE, event_id)),
+            _s(lease.token),
         )
         if self.config.completion is Completion.DELETE:
             return Statement(
@@ -296,8 +322,11 @@ class BatchStore:
             f"SET {quote(ev.COMPLETED_ON)} = ? SET {quote(ev.EXPIRES_AT)} = ? "
             f"REMOVE {TOKEN} {where}",
             (
-                _s(Status.COMPLETED.value), _n(now), _n(now),
-                _n(now // 1000 + self.config.retention_s), *where_values,
+                _s(Status.COMPLETED.value),
+                _n(now),
+                _n(now),
+                _n(now // 1000 + self.config.retention_s),
+                *where_values,
             ),
             event_id,
         )
@@ -318,11 +347,13 @@ class BatchStore:
         for event in events:
             item = self.store.put_action(event)["Put"]["Item"]
             names = ", ".join(f"'{name}': ?" for name in item)
-            statements.append(Statement(
-                f"INSERT INTO {self.table} VALUE {{{names}}}",
-                tuple(item.values()),
-                event.id,
-            ))
+            statements.append(
+                Statement(
+                    f"INSERT INTO {self.table} VALUE {{{names}}}",
+                    tuple(item.values()),
+                    event.id,
+                )
+            )
         results = self._execute(statements)
         report = InsertReport()
         for event, result in zip(events, results, strict=True):

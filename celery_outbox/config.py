@@ -218,17 +218,21 @@ class OutboxConfig:
     def _check_performance(self) -> None:
         _whole("flush_interval_ms", self.flush_interval_ms, unit="milliseconds")
         _whole(
-            "busy_poll_interval_ms", self.busy_poll_interval_ms, minimum=0,
+            "busy_poll_interval_ms",
+            self.busy_poll_interval_ms,
+            minimum=0,
             unit="milliseconds",
         )
         if not isinstance(self.nudge, bool):
             raise ConfigError("nudge", f"expected True or False, got {self.nudge!r}")
-        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or not (
-            1 <= self.shards <= MAX_SHARDS
+        if (
+            isinstance(self.shards, bool)
+            or not isinstance(self.shards, int)
+            or not (1 <= self.shards <= MAX_SHARDS)
         ):
             raise ConfigError(
-                "shards", f"expected a whole number from 1 to {MAX_SHARDS}, "
-                f"got {self.shards!r}"
+                "shards",
+                f"expected a whole number from 1 to {MAX_SHARDS}, got {self.shards!r}",
             )
         if not isinstance(self.write_mode, WriteMode):
             try:

@@ -25,7 +25,6 @@ producer and would multiply them.
 from __future__ import annotations
 
 import contextvars
-import logging
 import os
 import threading
 import time
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import current_task
+from celery.utils.log import get_logger
 
 from celery_outbox.event import Event
 from celery_outbox.store import wall_clock_ms
@@ -53,7 +53,7 @@ __all__ = [
     "install",
 ]
 
-logger = logging.getLogger("celery_outbox.nudge")
+logger = get_logger(__name__)
 
 DEBOUNCE_S = 0.02
 """The least time between two nudges from one process."""
@@ -231,8 +231,10 @@ def after_claim(outbox: Outbox, claimed: int) -> None:
     nudged = False
     if until is None:
         task = current_task  # a proxy: false outside a task
-        if not task or task.request.called_directly or (
-            task.name != getattr(outbox.drain_task, "name", None)
+        if (
+            not task
+            or task.request.called_directly
+            or (task.name != getattr(outbox.drain_task, "name", None))
         ):
             return  # a drain called in-process (tests, the CLI) starts no chain
         nudged = bool(_header(task.request, HEADER_NUDGE))

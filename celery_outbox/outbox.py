@@ -133,11 +133,11 @@ class Outbox:
     def writer(self) -> Writer:
         """How this process claims and writes back, by ``write_mode``.
 
-        Made once per process, with the store (see :mod:`celery_outbox.writeback`).
+        Made once per process, with the store (:mod:`celery_outbox.writeback`).
         """
         store = self.store
         writer = self._writer
-        if writer is None or writer.store is not store:  # type: ignore[attr-defined]
+        if writer is None or writer.store is not store:
             from celery_outbox.writeback import make_writer
 
             with self._lock:

@@ -59,6 +59,7 @@ __all__ = [
 
 logger = get_logger(__name__)
 
+
 class Outcome(StrEnum):
     """What a write-back did."""
 

@@ -17,7 +17,6 @@ so their outcome is known (and logged) where they happen.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 from celery import signals
+from celery.utils.log import get_logger
 
 from celery_outbox import event as ev
 from celery_outbox.batch import BatchStore, InsertReport
@@ -38,13 +38,15 @@ from celery_outbox.store import ClaimResult, OutboxStore, Outcome
 
 __all__ = ["BatchWriter", "CompletionBuffer", "ItemWriter", "Writer", "make_writer"]
 
-logger = logging.getLogger("celery_outbox.writeback")
+logger = get_logger(__name__)
 
 CCF = "ConditionalCheckFailedException"
 
 
 class Writer(Protocol):
     """What the drain and the handlers need from a write mode."""
+
+    store: OutboxStore
 
     def claim(self) -> ClaimResult:
         """Lease a batch of due events."""
@@ -82,8 +84,10 @@ class ItemWriter:
         leases: list[Lease] = []
         for item in items:
             token = uuid.uuid4().hex
-            retry = "#retry = :seen" if ev.RETRY_COUNT in item else (
-                "attribute_not_exists(#retry)"
+            retry = (
+                "#retry = :seen"
+                if ev.RETRY_COUNT in item
+                else ("attribute_not_exists(#retry)")
             )
             event_id = item[ev.ID]["S"]
             values = {
@@ -105,8 +109,10 @@ class ItemWriter:
                         f"#status = :created AND #sk <= :now AND {retry}"
                     ),
                     ExpressionAttributeNames={
-                        "#status": ev.STATUS, "#sk": ev.SORT_KEY,
-                        "#token": ev.LEASE_TOKEN, "#started": ev.STARTED_ON,
+                        "#status": ev.STATUS,
+                        "#sk": ev.SORT_KEY,
+                        "#token": ev.LEASE_TOKEN,
+                        "#started": ev.STARTED_ON,
                         "#retry": ev.RETRY_COUNT,
                     },
                     ExpressionAttributeValues=values,
@@ -202,7 +208,9 @@ class CompletionBuffer:
             # The events stay leased: their deadline brings them back.
             logger.warning(
                 "Could not write %d completions (%s); their leases will expire "
-                "and the events will run again", len(leases), exc,
+                "and the events will run again",
+                len(leases),
+                exc,
             )
 
     def flush(self) -> None:

@@ -150,7 +150,10 @@ class TestStatusKeys:
         assert keys.value(Status.ACTIVE, "e1") == f"active#{k}"
         assert keys.value(Status.FAILED, "e1") == "failed"
         assert keys.partitions(Status.CREATED, 2) == [
-            "created#2", "created#3", "created#0", "created#1"
+            "created#2",
+            "created#3",
+            "created#0",
+            "created#1",
         ]
         assert StatusKeys.status("active#3") is Status.ACTIVE
 

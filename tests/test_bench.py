@@ -31,11 +31,21 @@ def test_quick_run_produces_every_figure(
     """``run.py --quick --json`` reports every figure, as medians and per run."""
     done = subprocess.run(
         [
-            sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--json",
-            "--endpoint", ddb_local_endpoint, "--broker", redis_url,
-            "--outbox", f"write_mode={mode}",
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--json",
+            "--endpoint",
+            ddb_local_endpoint,
+            "--broker",
+            redis_url,
+            "--outbox",
+            f"write_mode={mode}",
         ],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)

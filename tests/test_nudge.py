@@ -83,10 +83,10 @@ class TestFollowUp:
     ) -> None:
         """Nothing claimed, a nudged drain, a chain past its end, or turned off."""
         outbox: Any = FakeOutbox(**options)
-        assert follow_up(
-            outbox, claimed, until_ms=until, nudged=nudged, now_ms=1000
-        ) is None
-
+        assert (
+            follow_up(outbox, claimed, until_ms=until, nudged=nudged, now_ms=1000)
+            is None
+        )
 
     def test_a_drain_called_in_process_starts_no_chain(self) -> None:
         """Outside a worker task (the CLI, tests) a full claim sends nothing."""
@@ -173,8 +173,11 @@ def app_outbox(endpoint: str) -> Iterator[Callable[..., Outbox]]:
     def factory(**options: Any) -> Outbox:
         app = Celery("test", broker="memory://", set_as_current=False)
         outbox = Outbox(
-            app, table_name=f"test-{uuid.uuid4().hex[:12]}", endpoint_url=endpoint,
-            region_name="us-east-1", **options,
+            app,
+            table_name=f"test-{uuid.uuid4().hex[:12]}",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            **options,
         )
         outbox.store.create_table()
 
@@ -199,9 +202,9 @@ class TestEmitsNudge:
         """Direct emits, publish_each and transactions all nudge after commit."""
         outbox = app_outbox(nudge=True)
         poked: list[list[str]] = []
-        monkeypatch.setattr(outbox, "nudge", lambda events=(): poked.append(
-            [e.id for e in events]
-        ))
+        monkeypatch.setattr(
+            outbox, "nudge", lambda events=(): poked.append([e.id for e in events])
+        )
         one = outbox.emit("order.created", {"n": 1})
         each = [Event.new("order.created", {"n": i}) for i in range(3)]
         outbox.publish_each(each)
@@ -253,20 +256,43 @@ def worker(
 
         key = f"test-{uuid.uuid4().hex[:8]}"
         env = {
-            "BENCH_BROKER": redis_url, "BENCH_QUEUE": queue_name, "BENCH_KEY": key,
-            "BENCH_TABLE": key, "BENCH_ENDPOINT": ddb_local_endpoint,
+            "BENCH_BROKER": redis_url,
+            "BENCH_QUEUE": queue_name,
+            "BENCH_KEY": key,
+            "BENCH_TABLE": key,
+            "BENCH_ENDPOINT": ddb_local_endpoint,
             "BENCH_OUTBOX": json.dumps(options),
         }
         keys.append(key)
         app, outbox = make_app(env)
         outbox.store.create_table()
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker",
-             "-P", "threads", "-c", "2", "-Q", queue_name, "-l", "WARNING",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "benchmarks.app",
+                    "worker",
+                    "-P",
+                    "threads",
+                    "-c",
+                    "2",
+                    "-Q",
+                    queue_name,
+                    "-l",
+                    "WARNING",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                cwd=ROOT,
+                env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         wait_until(lambda: conn.get(f"{key}:ready") is not None, "the worker")
         done = lambda: int(conn.get(f"{key}:done") or 0)  # noqa: E731
         return app, outbox, done

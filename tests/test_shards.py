@@ -104,8 +104,11 @@ def test_the_whole_lifecycle_works_sharded(store_factory: Any) -> None:
 def test_batches_drain_every_shard(ddb_local_endpoint: str) -> None:
     """PartiQL claims and completions work on sharded keys, shard by shard."""
     config = OutboxConfig(
-        table_name=f"test-{uuid.uuid4().hex[:12]}", endpoint_url=ddb_local_endpoint,
-        write_mode="partiql", shards=SHARDS, batch_size=5,
+        table_name=f"test-{uuid.uuid4().hex[:12]}",
+        endpoint_url=ddb_local_endpoint,
+        write_mode="partiql",
+        shards=SHARDS,
+        batch_size=5,
     )
     store = OutboxStore(config)
     store.create_table()
