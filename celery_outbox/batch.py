@@ -120,14 +120,14 @@ class BatchStore:
     def claim(self, limit: int | None = None) -> ClaimResult:
         """Lease up to ``limit`` due events in as few requests as it can.
 
-        Expired leases are looked for at most once per poll interval in a
-        process (a lease lasts ``processing_timeout_ms``, far longer), and
-        come first when found.
+        Expired leases come first when found, but are looked for at most
+        once per :meth:`expired_check_ms` in a process: a lease lasts
+        ``processing_timeout_ms``, far longer than a drain.
         """
         limit = self.config.batch_size if limit is None else limit
         now = self.store.clock()
         expired: list[dict[str, Any]] = []
-        if now - self._expired_checked_ms >= self.config.poll_interval_ms:
+        if now - self._expired_checked_ms >= self.expired_check_ms:
             self._expired_checked_ms = now
             expired = self.due(Status.ACTIVE, limit, now)
         fresh = (
@@ -184,6 +184,13 @@ class BatchStore:
             else:
                 leases.append(Lease(Event.from_item(item), token, deadline, now))
         return ClaimResult(leases, skipped, exhausted)
+
+    @property
+    def expired_check_ms(self) -> int:
+        """How often a process looks for expired leases: a tenth of a lease,
+        or the poll interval if that is longer (3 s by default)."""
+        config = self.config
+        return max(config.poll_interval_ms, config.processing_timeout_ms // 10)
 
     def _retry_condition(self, item: dict[str, Any]) -> tuple[str, list[Any]]:
         seen = item.get(ev.RETRY_COUNT)

@@ -41,6 +41,13 @@ __all__ = ["BatchWriter", "CompletionBuffer", "ItemWriter", "Writer", "make_writ
 logger = get_logger(__name__)
 
 CCF = "ConditionalCheckFailedException"
+_CLAIM_NAMES = {
+    "#status": ev.STATUS,
+    "#sk": ev.SORT_KEY,
+    "#token": ev.LEASE_TOKEN,
+    "#started": ev.STARTED_ON,
+    "#retry": ev.RETRY_COUNT,
+}
 
 
 class Writer(Protocol):
@@ -78,61 +85,55 @@ class ItemWriter:
         return self.store.claim()
 
     def claim_items(self, items: list[dict[str, Any]]) -> ClaimResult:
-        """One conditional ``UpdateItem`` per item, as the store claims."""
+        """One conditional ``UpdateItem`` per item, with the batch claim's condition."""
         now = self.store.clock()
-        deadline = now + self.store.config.processing_timeout_ms
-        leases: list[Lease] = []
-        for item in items:
-            token = uuid.uuid4().hex
-            retry = (
-                "#retry = :seen"
-                if ev.RETRY_COUNT in item
-                else ("attribute_not_exists(#retry)")
-            )
-            event_id = item[ev.ID]["S"]
-            values = {
-                ":active": self.store.status_value(Status.ACTIVE, event_id),
-                ":created": self.store.status_value(Status.CREATED, event_id),
-                ":deadline": {"N": str(deadline)},
-                ":token": {"S": token},
-                ":now": {"N": str(now)},
-            }
-            if ev.RETRY_COUNT in item:
-                values[":seen"] = item[ev.RETRY_COUNT]
-            try:
-                self.store.client.update_item(
-                    TableName=self.store.table,
-                    Key={ev.ID: item[ev.ID]},
-                    UpdateExpression="SET #status = :active, #sk = :deadline, "
-                    "#token = :token, #started = :now",
-                    ConditionExpression=(
-                        f"#status = :created AND #sk <= :now AND {retry}"
-                    ),
-                    ExpressionAttributeNames={
-                        "#status": ev.STATUS,
-                        "#sk": ev.SORT_KEY,
-                        "#token": ev.LEASE_TOKEN,
-                        "#started": ev.STARTED_ON,
-                        "#retry": ev.RETRY_COUNT,
-                    },
-                    ExpressionAttributeValues=values,
-                )
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != CCF:
-                    raise StoreError(
-                        f"DynamoDB claim on {self.store.table!r} failed: {exc}",
-                        str(exc.response.get("Error", {}).get("Code", "")),
-                    ) from exc
-                continue
-            leases.append(Lease(Event.from_item(item), token, deadline, now))
+        leases = [
+            lease for item in items if (lease := self._claim_one(item, now)) is not None
+        ]
         return ClaimResult(leases, len(items) - len(leases))
+
+    def _claim_one(self, item: dict[str, Any], now: int) -> Lease | None:
+        store = self.store
+        event_id = item[ev.ID]["S"]
+        token = uuid.uuid4().hex
+        deadline = now + store.config.processing_timeout_ms
+        values = {
+            ":active": store.status_value(Status.ACTIVE, event_id),
+            ":created": store.status_value(Status.CREATED, event_id),
+            ":deadline": {"N": str(deadline)},
+            ":token": {"S": token},
+            ":now": {"N": str(now)},
+        }
+        retry = "attribute_not_exists(#retry)"
+        if ev.RETRY_COUNT in item:
+            retry, values[":seen"] = "#retry = :seen", item[ev.RETRY_COUNT]
+        try:
+            store.client.update_item(
+                TableName=store.table,
+                Key={ev.ID: item[ev.ID]},
+                UpdateExpression="SET #status = :active, #sk = :deadline, "
+                "#token = :token, #started = :now",
+                ConditionExpression=f"#status = :created AND #sk <= :now AND {retry}",
+                ExpressionAttributeNames=_CLAIM_NAMES,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == CCF:
+                return None
+            raise StoreError(
+                f"DynamoDB claim on {store.table!r} failed: {exc}", code
+            ) from exc
+        return Lease(Event.from_item(item), token, deadline, now)
 
     def complete(self, lease: Lease) -> Outcome:
         """The store's completion, written now."""
         return self.store.complete(lease)
 
     def insert(self, events: list[Event]) -> InsertReport:
-        """One conditional ``PutItem`` per event."""
+        """One conditional ``PutItem`` per event, after checking them all."""
+        for event in events:
+            self.store.put_action(event)  # every check before any write
         report = InsertReport()
         for event in events:
             try:

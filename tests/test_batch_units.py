@@ -175,3 +175,14 @@ def test_item_writer_insert_never_overwrites(store: OutboxStore) -> None:
     assert report.existing == [old.id] and report.written == [new.id]
     item = store.get_item(old.id)
     assert item is not None and Event.from_item(item).payload == {"n": 0}
+
+
+def test_item_writer_insert_checks_every_event_first(store: OutboxStore) -> None:
+    """An event too large for DynamoDB stops the insert before any write."""
+    from celery_outbox import ItemTooLargeError
+
+    good = Event.new("order.created", {"n": 1})
+    huge = Event.new("order.created", {"blob": "x" * 500_000})
+    with pytest.raises(ItemTooLargeError):
+        ItemWriter(store).insert([good, huge])
+    assert store.get_item(good.id) is None
