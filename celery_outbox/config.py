@@ -19,7 +19,7 @@ from typing import Any
 
 from celery_outbox.errors import ConfigError
 
-__all__ = ["Completion", "OutboxConfig"]
+__all__ = ["Completion", "OutboxConfig", "WriteMode"]
 
 DEFAULT_INDEX = "status-gsiSortKey-index"
 DAY_MS = 24 * 3600 * 1000
@@ -27,6 +27,7 @@ DAY_MS = 24 * 3600 * 1000
 _NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
 # lastError must leave room in the 400 KB item for the event itself.
 _MAX_ERROR_CHARS = 10_000
+MAX_SHARDS = 64
 
 
 class Completion(StrEnum):
@@ -37,6 +38,17 @@ class Completion(StrEnum):
 
     KEEP = "keep"
     """Keep it as ``completed`` with a TTL of ``retention_ms``."""
+
+
+class WriteMode(StrEnum):
+    """How claims and write-backs reach DynamoDB (see docs/performance.md)."""
+
+    ITEM = "item"
+    """One conditional request per claim and per write-back; runs everywhere."""
+
+    PARTIQL = "partiql"
+    """Conditional PartiQL batches of up to 25 statements (DynamoDB and
+    DynamoDB Local; moto cannot run them)."""
 
 
 def _whole(name: str, value: Any, *, minimum: int = 1, unit: str = "") -> None:
@@ -110,6 +122,28 @@ class OutboxConfig:
     payload_repr_chars: int = 200
     """The longest payload repr shown in ``redact`` and ``truncate`` modes."""
 
+    # -- performance (docs/performance.md) --------------------------------
+
+    write_mode: WriteMode = WriteMode.ITEM
+    """``item`` or ``partiql``: claims and completions one request each, or
+    batched in conditional PartiQL statements (fewer requests per event)."""
+
+    flush_interval_ms: int = 50
+    """``partiql``: how long a worker buffers completions before writing them
+    together (sooner when 25 are waiting)."""
+
+    busy_poll_interval_ms: int = 100
+    """While drains keep finding events, the next one runs after this instead
+    of the poll interval (at once after a full batch); 0 turns it off."""
+
+    nudge: bool = False
+    """After an emit commits, ask for a drain at once (debounced) instead of
+    waiting for the next beat tick."""
+
+    shards: int = 1
+    """Spread due and leased events over this many index partitions
+    (``created#0``...); 1 keeps the TypeScript adapter's layout."""
+
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """Options that are not the outbox's own, kept for integrations."""
 
@@ -147,6 +181,7 @@ class OutboxConfig:
         ):
             _whole(name, getattr(self, name), unit="milliseconds")
         _whole("payload_repr_chars", self.payload_repr_chars, minimum=20)
+        self._check_performance()
         if self.payload_repr not in ("redact", "truncate", "full"):
             raise ConfigError(
                 "payload_repr",
@@ -178,6 +213,34 @@ class OutboxConfig:
                 raise ConfigError(
                     "completion",
                     f"expected 'delete' or 'keep', got {self.completion!r}",
+                ) from None
+
+    def _check_performance(self) -> None:
+        _whole("flush_interval_ms", self.flush_interval_ms, unit="milliseconds")
+        _whole(
+            "busy_poll_interval_ms",
+            self.busy_poll_interval_ms,
+            minimum=0,
+            unit="milliseconds",
+        )
+        if not isinstance(self.nudge, bool):
+            raise ConfigError("nudge", f"expected True or False, got {self.nudge!r}")
+        if (
+            isinstance(self.shards, bool)
+            or not isinstance(self.shards, int)
+            or not (1 <= self.shards <= MAX_SHARDS)
+        ):
+            raise ConfigError(
+                "shards",
+                f"expected a whole number from 1 to {MAX_SHARDS}, got {self.shards!r}",
+            )
+        if not isinstance(self.write_mode, WriteMode):
+            try:
+                object.__setattr__(self, "write_mode", WriteMode(self.write_mode))
+            except ValueError:
+                raise ConfigError(
+                    "write_mode",
+                    f"expected 'item' or 'partiql', got {self.write_mode!r}",
                 ) from None
 
     @property

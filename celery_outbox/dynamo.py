@@ -24,6 +24,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from celery_outbox import event as ev
 from celery_outbox.config import OutboxConfig
 from celery_outbox.errors import OutboxError, StoreError, TableError
+from celery_outbox.event import Status
+from celery_outbox.shards import StatusKeys
 
 __all__ = [
     "CONDITION_FAILED",
@@ -126,6 +128,12 @@ class DynamoTable:
         self._sleep: Callable[[float], None] = time.sleep
         self.table = config.table_name
         self.index = config.status_index_name
+        self.keys = StatusKeys(config.shards)
+
+    def status_value(self, status: Status, event_id: str) -> dict[str, str]:
+        """The typed ``status`` of ``event_id`` in ``status``: ``created#k``
+        with shards (:mod:`celery_outbox.shards`), plain ``created`` without."""
+        return {"S": self.keys.value(status, event_id)}
 
     def get_item(self, event_id: str) -> dict[str, Any] | None:
         """The typed item of ``event_id`` (strongly consistent), or None."""

@@ -23,7 +23,7 @@ from celery_outbox.errors import (
     ItemTooLargeError,
     TransactionCancelledError,
 )
-from celery_outbox.event import Event
+from celery_outbox.event import Event, Status
 
 __all__ = ["Emits"]
 
@@ -46,6 +46,7 @@ class Emits(DynamoTable):
                 f"expected an Event (see Event.new), got {type(event).__name__}"
             )
         item = event.to_item(self.clock())
+        item[ev.STATUS] = self.status_value(Status.CREATED, event.id)
         size = ev.item_size(item)
         if size > ev.ITEM_LIMIT:
             raise ItemTooLargeError(event.id, size, ev.ITEM_LIMIT)

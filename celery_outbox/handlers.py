@@ -195,7 +195,8 @@ class HandlerTask(Task):  # type: ignore[misc]
         """Complete the event under this execution's lease."""
         lease = self.lease_of(args)
         if lease is not None:
-            outcome = self._write_back(lease, "completion", self.outbox.store.complete)
+            # by write_mode; None when buffered (writeback.py)
+            outcome = self._write_back(lease, "completion", self.outbox.writer.complete)
             if outcome is Outcome.COMPLETED:
                 logger.debug("Completed event %r (%s)", lease.event.id, self.event_type)
         super().on_success(retval, task_id, args, kwargs)
@@ -254,7 +255,7 @@ class HandlerTask(Task):  # type: ignore[misc]
         )
 
     def _write_back(
-        self, lease: Lease, what: str, write: Callable[[Lease], Outcome]
+        self, lease: Lease, what: str, write: Callable[[Lease], Outcome | None]
     ) -> Outcome | None:
         try:
             return write(lease)

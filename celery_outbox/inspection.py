@@ -28,6 +28,7 @@ from celery_outbox.errors import (
     UnprocessedItemsError,
 )
 from celery_outbox.event import FailedEvent, Status
+from celery_outbox.shards import StatusKeys
 
 __all__ = ["FailedPage", "Inspection", "RetryReport", "Stats"]
 
@@ -131,7 +132,7 @@ class Inspection(DynamoTable):
     def status_of(self, event_id: str) -> Status | None:
         """The status of ``event_id``, or None when it is not stored."""
         item = self.get_item(event_id)
-        return None if item is None else Status(item[ev.STATUS]["S"])
+        return None if item is None else StatusKeys.status(item[ev.STATUS]["S"])
 
     def failed(
         self,
@@ -197,7 +198,7 @@ class Inspection(DynamoTable):
             return self._retry_all(ids)
         report = RetryReport()
         for event_id in ids:
-            if self._update(event_id, *self._retry_write()) is not None:
+            if self._update(event_id, *self._retry_write(event_id)) is not None:
                 report.retried.append(event_id)
             elif self.get_item(event_id) is None:
                 report.missing.append(event_id)
@@ -207,12 +208,12 @@ class Inspection(DynamoTable):
             logger.info("Retried %d failed events", len(report.retried))
         return report
 
-    def _retry_write(self) -> tuple[str, str, dict[str, Any]]:
+    def _retry_write(self, event_id: str) -> tuple[str, str, dict[str, Any]]:
         return (
             "SET #status = :created, #sk = :now, #retry = :zero REMOVE #error, #token",
             "#status = :failed",
             {
-                ":created": {"S": Status.CREATED.value},
+                ":created": self.status_value(Status.CREATED, event_id),
                 ":failed": {"S": Status.FAILED.value},
                 ":now": {"N": str(self.clock())},
                 ":zero": {"N": "0"},
@@ -228,8 +229,9 @@ class Inspection(DynamoTable):
             )
         if not ids:
             return RetryReport()
-        write = self._retry_write()
-        reasons = self._transact([self._update_action(i, *write) for i in ids])
+        reasons = self._transact(
+            [self._update_action(i, *self._retry_write(i)) for i in ids]
+        )
         if reasons is None:
             logger.info("Retried %d failed events", len(ids))
             return RetryReport(retried=ids)
@@ -257,18 +259,27 @@ class Inspection(DynamoTable):
     def stats(self) -> Stats:
         """Counts per status, the due count and the oldest due event's age."""
         now = self.clock()
+        # With shards (shards.py) a status spans several index partitions.
         counts = {
-            s.value: self._count("#status = :s", {":s": {"S": s.value}}) for s in Status
+            s.value: sum(
+                self._count("#status = :s", {":s": {"S": value}})
+                for value in self.keys.partitions(s, 0)
+            )
+            for s in Status
         }
-        due_values = {":s": {"S": Status.CREATED.value}, ":now": {"N": str(now)}}
-        due = self._count("#status = :s AND #sk <= :now", due_values)
-        oldest = self._query("#status = :s AND #sk <= :now", due_values, limit=1)
-        items = oldest.get("Items", [])
-        age = now - int(items[0][ev.SORT_KEY]["N"]) if items else None
-        expired = self._count(
-            "#status = :s AND #sk <= :now",
-            {":s": {"S": Status.ACTIVE.value}, ":now": {"N": str(now)}},
-        )
+        due = expired = 0
+        oldest: list[int] = []
+        for value in self.keys.partitions(Status.CREATED, 0):
+            due_values = {":s": {"S": value}, ":now": {"N": str(now)}}
+            due += self._count("#status = :s AND #sk <= :now", due_values)
+            first = self._query("#status = :s AND #sk <= :now", due_values, limit=1)
+            oldest += [int(i[ev.SORT_KEY]["N"]) for i in first.get("Items", [])]
+        for value in self.keys.partitions(Status.ACTIVE, 0):
+            expired += self._count(
+                "#status = :s AND #sk <= :now",
+                {":s": {"S": value}, ":now": {"N": str(now)}},
+            )
+        age = now - min(oldest) if oldest else None
         return Stats(counts, due, age, expired)
 
     def purge_completed(self, older_than_ms: int) -> int:

@@ -30,7 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery_outbox import collector as collectors
 from celery_outbox import settings
@@ -38,6 +38,11 @@ from celery_outbox.config import OutboxConfig
 from celery_outbox.errors import ConfigError, EventError, HandlerError
 from celery_outbox.event import Event
 from celery_outbox.store import Clock, OutboxStore
+
+if TYPE_CHECKING:
+    from celery_outbox.batch import InsertReport
+    from celery_outbox.nudge import Nudger
+    from celery_outbox.writeback import Writer
 
 __all__ = ["Outbox"]
 
@@ -99,10 +104,13 @@ class Outbox:
         self.drain_lock = threading.Lock()
         self.drain_errors = 0
         self.drain_paused_until = 0.0  # time.monotonic() seconds
+        self._writer: Writer | None = None
+        self._nudger: Nudger | None = None
         if app is not None:
-            from celery_outbox import tasks
+            from celery_outbox import nudge, tasks
 
             tasks.install(self)
+            nudge.install(self)
             _INSTALLED[app] = self
 
     def __repr__(self) -> str:
@@ -138,6 +146,39 @@ class Outbox:
                     )
                     self._store_pid = pid
         return self._store
+
+    @property
+    def writer(self) -> Writer:
+        """How this process claims and writes back, by ``write_mode``.
+
+        Made once per process, with the store (:mod:`celery_outbox.writeback`).
+        """
+        store = self.store
+        writer = self._writer
+        if writer is None or writer.store is not store:
+            from celery_outbox.writeback import make_writer
+
+            with self._lock:
+                writer = self._writer = make_writer(store)
+        return writer
+
+    def nudge(self, events: Sequence[Event] = ()) -> None:
+        """Ask for a drain now (debounced, safe to lose), whatever ``nudge`` says.
+
+        Emits nudge by themselves when ``nudge`` is on; call this after
+        committing a collector of your own, with the events it held.
+        """
+        if self.app is None:
+            return  # a producer-only outbox has no drain task to send
+        if self._nudger is None:
+            from celery_outbox.nudge import Nudger
+
+            self._nudger = Nudger(self)
+        self._nudger.poke(events)
+
+    def _committed(self, events: Sequence[Event]) -> None:
+        if self.config.nudge:
+            self.nudge(events)
 
     # -- emit ----------------------------------------------------------------
 
@@ -191,6 +232,7 @@ class Outbox:
         target = collector if collector is not None else collectors.current()
         if target is None:
             self.store.publish(events)
+            self._committed(events)
             return
         actions = [self.store.put_action(e) for e in events]
         collectors.append(target, actions)
@@ -235,6 +277,38 @@ class Outbox:
         finally:
             _open_transaction.reset(token)
         self.store.commit(tx.actions)
+        if self.config.nudge:
+            self._committed(self._events_in(tx.actions))
+
+    def publish_each(self, events: Sequence[Event]) -> InsertReport:
+        """Write many events, each on its own: not all-or-none, and faster.
+
+        With ``write_mode = "partiql"`` they go 25 to a request as
+        ``INSERT`` statements; otherwise one conditional put each. A stored
+        id is never overwritten: it is listed in the report's ``existing``.
+        Use :meth:`publish` when the events must be written together.
+        """
+        events = list(events)
+        for event in events:
+            if not isinstance(event, Event):
+                raise EventError(
+                    f"publish_each takes Event objects (see Event.new), got "
+                    f"{type(event).__name__}"
+                )
+        report = self.writer.insert(events)
+        if report.written:
+            written = set(report.written)
+            self._committed([e for e in events if e.id in written])
+        return report
+
+    def _events_in(self, actions: Sequence[dict[str, Any]]) -> list[Event]:
+        """The outbox events a transaction's actions create."""
+        table = self.config.table_name
+        return [
+            Event.from_item(put["Item"])
+            for put in (a.get("Put") for a in actions)
+            if put and put.get("TableName") == table and "status" in put["Item"]
+        ]
 
     # -- handlers ------------------------------------------------------------
 

@@ -59,8 +59,6 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-_ACTIVE = {"S": Status.ACTIVE.value}
-
 
 class Outcome(StrEnum):
     """What a write-back did."""
@@ -115,13 +113,16 @@ class OutboxStore(Emits, TableSetup, Inspection):
         if limit <= 0:
             return []
         items: list[dict[str, Any]] = []
-        for page in self._query_pages(
-            "#status = :s AND #sk <= :now",
-            {":s": {"S": status.value}, ":now": {"N": str(now)}},
-            limit=limit,
-            max_pages=self.config.max_query_pages,
-        ):
-            items.extend(page)
+        for value in self.keys.partitions(status):  # one per shard (shards.py)
+            for page in self._query_pages(
+                "#status = :s AND #sk <= :now",
+                {":s": {"S": value}, ":now": {"N": str(now)}},
+                limit=limit - len(items),
+                max_pages=self.config.max_query_pages,
+            ):
+                items.extend(page)
+            if len(items) >= limit:
+                break
         return items[:limit]
 
     def claim(self, limit: int | None = None) -> ClaimResult:
@@ -154,7 +155,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
                 item[ev.ID]["S"],
                 now,
                 "#status = :created AND #sk <= :now",
-                {":created": {"S": Status.CREATED.value}},
+                {":created": self.status_value(Status.CREATED, item[ev.ID]["S"])},
             )
             if lease is None:
                 skipped += 1
@@ -172,7 +173,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
         event_id = item[ev.ID]["S"]
         seen_retries = item.get(ev.RETRY_COUNT, {}).get("N")
         seen_token = item.get(ev.LEASE_TOKEN, {}).get("S")
-        values: dict[str, Any] = {":active": _ACTIVE}
+        values: dict[str, Any] = {":active": self.status_value(Status.ACTIVE, event_id)}
         conditions = ["#status = :active", "#sk <= :now"]
         if seen_token:
             conditions.append("#token = :seen")
@@ -243,7 +244,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
             condition,
             {
                 **values,
-                ":lease": _ACTIVE,
+                ":lease": self.status_value(Status.ACTIVE, event_id),
                 ":deadline": {"N": str(deadline)},
                 ":token": {"S": token},
                 ":now": {"N": str(now)},
@@ -264,7 +265,10 @@ class OutboxStore(Emits, TableSetup, Inspection):
         """
         lease = _check_lease(lease)
         condition = "#status = :active AND #token = :token"
-        values = {":active": _ACTIVE, ":token": {"S": lease.token}}
+        values = {
+            ":active": self.status_value(Status.ACTIVE, lease.event.id),
+            ":token": {"S": lease.token},
+        }
         if self.config.completion is Completion.DELETE:
             try:
                 self.client.delete_item(
@@ -332,9 +336,9 @@ class OutboxStore(Emits, TableSetup, Inspection):
             "REMOVE #token",
             "#status = :active AND #token = :token",
             {
-                ":active": _ACTIVE,
+                ":active": self.status_value(Status.ACTIVE, lease.event.id),
                 ":token": {"S": lease.token},
-                ":status": {"S": status.value},
+                ":status": self.status_value(status, lease.event.id),
                 ":sk": {"N": str(sort_key)},
                 ":retry": {"N": str(retries)},
                 ":err": {"S": self.short_error(error)},
@@ -356,9 +360,9 @@ class OutboxStore(Emits, TableSetup, Inspection):
             "SET #status = :created, #sk = :now REMOVE #token",
             "#status = :active AND #token = :token",
             {
-                ":active": _ACTIVE,
+                ":active": self.status_value(Status.ACTIVE, lease.event.id),
                 ":token": {"S": lease.token},
-                ":created": {"S": Status.CREATED.value},
+                ":created": self.status_value(Status.CREATED, lease.event.id),
                 ":now": {"N": str(self.clock())},
             },
         )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from celery_outbox import checks, handlers, management, redaction
+from celery_outbox import checks, handlers, management, nudge, redaction
 from celery_outbox.errors import HandlerError, OutboxError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -181,7 +181,8 @@ def _pause(outbox: Outbox, exc: OutboxError) -> dict[str, int]:
 
 
 def _drain(outbox: Outbox) -> dict[str, int]:
-    result = outbox.store.claim()
+    result = outbox.writer.claim()  # by write_mode (writeback.py)
+    nudge.after_claim(outbox, len(result.leases))  # the next drain, if busy
     leases = result.leases
     dispatched = failed = released = 0
     for lease in leases:

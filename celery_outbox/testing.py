@@ -146,6 +146,11 @@ class DynamoDBLocal:
         _wait_http(self.endpoint_url, 60, self._proc)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The emulator's process id while it runs (benchmarks read its CPU)."""
+        return None if self._proc is None else self._proc.pid
+
     def stop(self) -> None:
         """Stop the emulator (its in-memory tables are gone)."""
         if self._proc is not None and self._proc.poll() is None:

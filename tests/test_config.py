@@ -75,6 +75,15 @@ INVALID: list[tuple[str, Any, str]] = [
     ("extra", ["not", "a", "mapping"], "mapping"),
     ("payload_repr", "hide", "'redact', 'truncate' or 'full'"),
     ("payload_repr_chars", 5, "at least 20"),
+    # performance options (docs/performance.md)
+    ("write_mode", "fast", "'item' or 'partiql'"),
+    ("write_mode", ["partiql"], "'item' or 'partiql'"),
+    ("flush_interval_ms", 0, "at least 1"),
+    ("busy_poll_interval_ms", -1, "at least 0"),
+    ("nudge", "yes", "True or False"),
+    ("shards", 0, "from 1 to 64"),
+    ("shards", 65, "from 1 to 64"),
+    ("shards", True, "from 1 to 64"),
 ]
 
 

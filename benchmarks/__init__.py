@@ -1,0 +1,1 @@
+"""The outbox benchmark: run ``python benchmarks/run.py``."""

@@ -1,0 +1,241 @@
+"""Claims, completions and inserts in conditional PartiQL batches.
+
+PartiQL batches with conditions need real DynamoDB semantics: these tests
+run on DynamoDB Local only (moto 5.2 cannot run them).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from celery_outbox import Event, OutboxConfig, OutboxStore, Outcome, Status
+from celery_outbox import event as ev
+from celery_outbox.batch import BatchStore
+from celery_outbox.config import Completion
+from celery_outbox.event import Lease
+from celery_outbox.writeback import BatchWriter
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    """A settable clock in epoch milliseconds."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def make(ddb_local_endpoint: str) -> Iterator[Any]:
+    """Make a store (fresh table) and its batch store on DynamoDB Local."""
+    made: list[OutboxStore] = []
+
+    def factory(**options: Any) -> tuple[OutboxStore, BatchStore]:
+        clock = options.pop("clock", None)
+        config = OutboxConfig(
+            table_name=f"test-{uuid.uuid4().hex[:12]}",
+            endpoint_url=ddb_local_endpoint,
+            write_mode="partiql",
+            **options,
+        )
+        store = OutboxStore(config, clock=clock)
+        store.create_table()
+        made.append(store)
+        return store, BatchStore(store)
+
+    yield factory
+    for store in made:
+        store.delete_table()
+
+
+def count_requests(store: OutboxStore) -> collections.Counter[str]:
+    """Count the store client's requests by operation from now on."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def hook(**kwargs: Any) -> None:
+        counts[kwargs["event_name"].rsplit(".", 1)[-1]] += 1
+
+    store.client.meta.events.register("before-send.dynamodb", hook)
+    return counts
+
+
+def publish(store: OutboxStore, n: int) -> list[Event]:
+    """Publish ``n`` events, 25 per transaction."""
+    events = [Event.new("order.created", {"n": i}) for i in range(n)]
+    for start in range(0, n, 25):
+        store.publish(events[start : start + 25])
+    return events
+
+
+def test_claim_takes_a_batch_in_few_requests(make: Any) -> None:
+    """Thirty due events are leased with one query and two batch requests."""
+    store, batches = make()
+    events = publish(store, 30)
+    counts = count_requests(store)
+    result = batches.claim(limit=30)
+    assert sorted(lease.event.id for lease in result.leases) == sorted(
+        e.id for e in events
+    )
+    assert result.skipped == 0
+    assert counts == {"Query": 2, "BatchExecuteStatement": 2}  # expired + due
+    for lease in result.leases:
+        item = store.get_item(lease.event.id)
+        assert item is not None
+        assert item[ev.STATUS]["S"] == Status.ACTIVE.value
+        assert item[ev.LEASE_TOKEN]["S"] == lease.token
+        assert item[ev.SORT_KEY]["N"] == str(lease.deadline_ms)
+        assert lease.event.attempt == 1
+
+
+def test_claim_skips_events_taken_since_the_query(make: Any) -> None:
+    """Items another drain claimed after the index read are skipped, not leased."""
+    store, batches = make()
+    publish(store, 10)
+    snapshot = batches.due(Status.CREATED, 10, store.clock())
+    taken = store.claim(limit=4).leases
+    batches.due = lambda *args: snapshot if args[0] is Status.CREATED else []  # type: ignore[method-assign]
+    result = batches.claim(limit=10)
+    assert result.skipped == 4
+    assert len(result.leases) == 6
+    assert not {lease.event.id for lease in taken} & {
+        lease.event.id for lease in result.leases
+    }
+    for lease in taken:
+        item = store.get_item(lease.event.id)
+        assert item is not None and item[ev.LEASE_TOKEN]["S"] == lease.token
+
+
+def test_claim_refuses_a_stale_retry_count(make: Any) -> None:
+    """An index read older than the item's last failure cannot lease it."""
+    clock = Clock()
+    store, batches = make(clock=clock, base_backoff_ms=1, max_backoff_ms=1)
+    (event,) = publish(store, 1)
+    snapshot = batches.due(Status.CREATED, 1, clock())
+    lease = store.claim().leases[0]
+    store.fail(lease, "boom")
+    clock.now += 10
+    batches.due = lambda *args: snapshot if args[0] is Status.CREATED else []  # type: ignore[method-assign]
+    assert batches.claim().leases == []
+    del batches.due
+    (again,) = batches.claim().leases
+    assert again.event.id == event.id
+    assert again.event.attempt == 2
+
+
+def test_expired_leases_are_reclaimed_then_failed(make: Any) -> None:
+    """An expired lease is reclaimed as a lost attempt, and fails when none are left."""
+    clock = Clock()
+    store, batches = make(clock=clock, max_retries=1, processing_timeout_ms=1000)
+    (event,) = publish(store, 1)
+    first = batches.claim().leases[0]
+    clock.now += 5000
+    (second,) = batches.claim().leases
+    assert second.event.id == event.id and second.event.attempt == 2
+    assert second.token != first.token
+    item = store.get_item(event.id)
+    assert item is not None and "LeaseExpired" in item[ev.LAST_ERROR]["S"]
+    assert batches.complete([first]) == [Outcome.STALE]
+    clock.now += 5000
+    result = batches.claim()
+    assert result.leases == [] and result.exhausted == 1
+    assert store.status_of(event.id) is Status.FAILED
+
+
+def test_a_stale_lease_in_a_batch_is_a_no_op(make: Any) -> None:
+    """In one batch, a stale lease changes nothing while the others complete."""
+    clock = Clock()
+    store, batches = make(clock=clock)
+    publish(store, 3)
+    one, two, three = batches.claim().leases
+    store.fail(two, "handled elsewhere")  # the event moved on: the lease is stale
+    before = store.get_item(two.event.id)
+    outcomes = batches.complete([one, two, three])
+    assert outcomes == [Outcome.COMPLETED, Outcome.STALE, Outcome.COMPLETED]
+    assert store.get_item(one.event.id) is None
+    assert store.get_item(three.event.id) is None
+    assert store.get_item(two.event.id) == before
+
+
+def test_forged_tokens_do_not_complete(make: Any) -> None:
+    """A completion naming the wrong token leaves the event active."""
+    store, batches = make()
+    publish(store, 1)
+    (lease,) = batches.claim().leases
+    forged = Lease(lease.event, "not-the-token", lease.deadline_ms, lease.started_ms)
+    assert batches.complete([forged]) == [Outcome.STALE]
+    assert store.status_of(lease.event.id) is Status.ACTIVE
+
+
+def test_keep_mode_keeps_completed_events(make: Any) -> None:
+    """With completion=keep a batch completion leaves completed items with a TTL."""
+    store, batches = make(completion=Completion.KEEP)
+    publish(store, 2)
+    leases = batches.claim().leases
+    assert batches.complete(leases) == [Outcome.COMPLETED] * 2
+    for lease in leases:
+        item = store.get_item(lease.event.id)
+        assert item is not None
+        assert item[ev.STATUS]["S"] == Status.COMPLETED.value
+        assert ev.LEASE_TOKEN not in item and ev.EXPIRES_AT in item
+
+
+def test_insert_never_overwrites(make: Any) -> None:
+    """Inserts write new ids and report stored ones without changing them."""
+    store, batches = make()
+    (old,) = publish(store, 1)
+    clash = Event.new("order.created", {"other": True}, id=old.id)
+    fresh = [Event.new("order.created", {"n": i}) for i in range(30)]
+    counts = count_requests(store)
+    report = batches.insert([*fresh[:10], clash, *fresh[10:]])
+    assert report.existing == [old.id]
+    assert sorted(report.written) == sorted(e.id for e in fresh)
+    assert counts["BatchExecuteStatement"] == 2
+    item = store.get_item(old.id)
+    assert item is not None and Event.from_item(item).payload == old.payload
+    assert len(batches.claim(limit=100).leases) == 31
+
+
+def test_insert_again_of_the_same_event_is_not_a_clash(make: Any) -> None:
+    """Resending an insert that landed (a lost response) reports it written."""
+    _store, batches = make()
+    event = Event.new("order.created", {"n": 1})
+    assert batches.insert([event]).written == [event.id]
+    assert batches.insert([event]).written == [event.id]
+
+
+def test_buffered_completions_are_written_together(make: Any) -> None:
+    """The writer buffers completions and flushes them in one batch request."""
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 5)
+    leases = writer.claim().leases
+    counts = count_requests(store)
+    for lease in leases:
+        assert writer.complete(lease) is None
+    assert all(store.status_of(lease.event.id) is Status.ACTIVE for lease in leases)
+    writer.flush()
+    assert counts["BatchExecuteStatement"] == 1
+    assert all(store.get_item(lease.event.id) is None for lease in leases)
+
+
+def test_the_flusher_writes_without_being_asked(make: Any) -> None:
+    """A buffered completion is written by the flusher thread within its interval."""
+    store, _ = make(flush_interval_ms=5)
+    writer = BatchWriter(store)
+    publish(store, 30)
+    leases = writer.claim().leases
+    for lease in leases:
+        writer.complete(lease)
+    deadline = time.monotonic() + 30
+    while any(store.get_item(lease.event.id) for lease in leases):
+        assert time.monotonic() < deadline, "the flusher never wrote"
+        time.sleep(0.02)
