@@ -55,6 +55,7 @@ NAMES = {
     "#error": ev.LAST_ERROR,
     "#token": ev.LEASE_TOKEN,
     "#expires": ev.EXPIRES_AT,
+    "#running": ev.RUNNING_SINCE,
 }
 
 

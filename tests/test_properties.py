@@ -1,16 +1,18 @@
 """Lease invariants under random interleavings of several actors (hypothesis).
 
 Three :class:`OutboxStore` instances, each with its own DynamoDB client, share
-one table and one fake clock. Hypothesis interleaves emits, claims, completes,
-fails, releases, operator retries and clock jumps (which expire leases), and
-after every step the table is read back and checked against a model:
+one table and one fake clock. Hypothesis interleaves emits, claims, handler
+starts, completes, fails, releases, operator retries and clock jumps (which
+expire leases), and after every step the table is read back and checked against a model:
 
 * no event leaves the status index before completion: every stored event is
   ``created``, ``active`` with a finite deadline, or ``failed``, and the index
   query of its status finds it;
 * at most one live lease per event: a claim is granted only when the lease
-  the model last saw for that event has expired or been written back, and the
-  token in the table is always the one of the latest grant;
+  the model last saw for that event (renewed when its handler began) has
+  expired or been written back, and the token in the table is always the
+  one of the latest grant;
+* an expired lease costs a retry only if its handler had begun;
 * a write-back, release or retry from a stale lease changes nothing: the item
   is the same before and after, and the outcome says ``stale``.
 """
@@ -248,10 +250,19 @@ class LeaseMachine(RuleBasedStateMachine):
             )
             assert _sort_key(old) <= now
             assert _status(old) in (Status.CREATED.value, Status.ACTIVE.value)
-            # A reclaim counts the lost attempt.
-            lost = 1 if _status(old) == Status.ACTIVE.value else 0
-            seen("reclaimed an expired lease" if lost else "claimed")
+            # A reclaim counts the lost attempt if its handler had started.
+            reclaim = _status(old) == Status.ACTIVE.value
+            lost = 1 if reclaim and "runningSince" in old else 0
+            if reclaim:
+                seen(
+                    "reclaimed a started attempt"
+                    if lost
+                    else "reclaimed a lease that never started"
+                )
+            else:
+                seen("claimed")
             assert lease.event.attempt == _retries(old) + lost + 1
+            assert "runningSince" not in after[lease.event.id]
             assert lease.deadline_ms == now + TIMEOUT_MS
             new = after[event_id]
             assert _status(new) == Status.ACTIVE.value
@@ -267,6 +278,7 @@ class LeaseMachine(RuleBasedStateMachine):
         assert len(exhausted) == result.exhausted
         for event_id in exhausted:
             seen("an expired lease used the last retry")
+            assert "runningSince" in before[event_id], "a never-started attempt counted"
             assert _retries(after[event_id]) > self.config.max_retries
             self.live.pop(event_id, None)
         if len(result.leases) + result.exhausted < limit:
@@ -296,6 +308,25 @@ class LeaseMachine(RuleBasedStateMachine):
             assert outcome is not Outcome.STALE
             assert self.live.pop(lease.event.id).token == lease.token
         return outcome, live
+
+    @rule(actor=st.integers(0, ACTORS - 1), lease=leases)
+    def begin(self, actor: int, lease: Lease) -> None:
+        """A handler starts under a lease it holds or once held."""
+        before = self.before().get(lease.event.id)
+        live = _status(before) == Status.ACTIVE.value and _token(before) == lease.token
+        renewed = self.actors[actor].begin(lease)
+        after = self.store.get_item(lease.event.id)
+        seen("a live begin" if live else "a stale begin")
+        if not live:
+            assert renewed is None
+            assert after == before, "a stale lease changed the item"
+            return
+        assert renewed is not None and after is not None
+        assert renewed.token == lease.token
+        assert renewed.deadline_ms == self.clock() + TIMEOUT_MS
+        assert _sort_key(after) == renewed.deadline_ms
+        assert int(after["runningSince"]["N"]) == self.clock()
+        self.live[lease.event.id] = renewed
 
     @rule(
         kind=st.sampled_from(["complete", "fail", "release"]),
@@ -427,7 +458,8 @@ class LeaseMachine(RuleBasedStateMachine):
             assert _status(item) in PENDING
             sort_key = _sort_key(item)  # present and numeric: indexed
             if _status(item) == Status.ACTIVE.value:
-                assert sort_key == int(item["startedOn"]["N"]) + TIMEOUT_MS
+                began = item.get("runningSince", item["startedOn"])
+                assert sort_key == int(began["N"]) + TIMEOUT_MS
             else:
                 assert _token(item) is None
             if _status(item) != Status.FAILED.value:
@@ -458,7 +490,10 @@ def run_machine(endpoint: str, **options: Any) -> None:
 
 COVERED = {
     "claimed",
-    "reclaimed an expired lease",
+    "reclaimed a started attempt",
+    "reclaimed a lease that never started",
+    "a live begin",
+    "a stale begin",
     "an expired lease used the last retry",
     "an operator retried a failed event",
     "a live write-back",
