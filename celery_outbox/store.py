@@ -167,11 +167,12 @@ class OutboxStore(Emits, TableSetup, Inspection):
         """Take over an expired lease; a lost attempt counts as a failure.
 
         The attempt was lost only if its handler started (see :meth:`begin`);
-        a lease whose message was lost or delayed in the broker is taken
-        over without using up a retry, or else a broker backlog longer than
-        the processing timeout would fail events that never ran. The
-        condition names the lease token, retry count and start the query
-        saw, so what is written never rests on a stale index entry.
+        a lease whose message was lost or delayed in the broker is sent
+        again without using up a retry (:meth:`_redispatch`), or else a
+        broker backlog longer than the processing timeout would fail events
+        that never ran. The condition names the lease token, retry count and
+        start the query saw, so what is written never rests on a stale
+        index entry.
         """
         event_id = item[ev.ID]["S"]
         seen_retries = item.get(ev.RETRY_COUNT, {}).get("N")
@@ -195,17 +196,8 @@ class OutboxStore(Emits, TableSetup, Inspection):
             conditions.append("#retry = :seen_retry")
             values[":seen_retry"] = {"N": seen_retries}
         condition = " AND ".join(conditions)
-        if not started:
-            lease = self._lease(event_id, now, condition, values)
-            if lease is not None:
-                logger.warning(
-                    "Reclaimed event %r: its lease expired before its handler "
-                    "started (the message was lost or waited too long in the "
-                    "broker); dispatching attempt %d again",
-                    event_id,
-                    lease.event.attempt,
-                )
-            return lease
+        if seen_token and not started:
+            return self._redispatch(event_id, seen_token, now, condition, values)
         retries = int(seen_retries or 0) + 1
         lost = (
             f"LeaseExpired: attempt {retries} did not report back within "
@@ -246,6 +238,39 @@ class OutboxStore(Emits, TableSetup, Inspection):
         )
         return Outcome.FAILED
 
+    def _redispatch(
+        self,
+        event_id: str,
+        token: str,
+        now: int,
+        condition: str,
+        values: dict[str, Any],
+    ) -> Lease | None:
+        """Extend a lease whose handler never started, keeping its token.
+
+        Its message was lost or is still waiting in the broker. The lease is
+        sent again with a new deadline; whichever copy reaches a worker first
+        starts the attempt (:meth:`begin`) and the others are skipped, so a
+        backlog longer than the processing timeout delays events instead of
+        starving them, and costs no retry.
+        """
+        deadline = now + self.config.processing_timeout_ms
+        item = self._update(
+            event_id,
+            "SET #sk = :deadline, #started = :now",
+            condition,
+            {**values, ":deadline": {"N": str(deadline)}, ":now": {"N": str(now)}},
+            returns="ALL_NEW",
+        )
+        if item is None:
+            return None
+        logger.warning(
+            "Dispatching event %r again: its lease expired before its handler "
+            "started (the message was lost or is still waiting in the broker)",
+            event_id,
+        )
+        return Lease(Event.from_item(item), token, deadline, now)
+
     def _lease(
         self,
         event_id: str,
@@ -284,8 +309,9 @@ class OutboxStore(Emits, TableSetup, Inspection):
         processing timeout however long its message waited, and from here a
         reclaim counts the attempt as failed. None means the lease is no
         longer live (the event was reclaimed or written back while the
-        message waited): nothing was written, and running the handler could
-        run the event twice.
+        message waited) or another copy of its message already started it:
+        nothing was written, and running the handler could run the event
+        twice.
         """
         lease = _check_lease(lease)
         now = self.clock()
@@ -293,7 +319,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
         done = self._update(
             lease.event.id,
             "SET #sk = :deadline, #running = :now",
-            "#status = :active AND #token = :token",
+            "#status = :active AND #token = :token AND attribute_not_exists(#running)",
             {
                 ":active": _ACTIVE,
                 ":token": {"S": lease.token},

@@ -329,7 +329,9 @@ class TestWriteBack:
 
         outbox.emit("order.created")
         (lease,) = outbox.store.claim().leases
-        outbox.store.clock = lambda: lease.deadline_ms  # the lease expired
+        started = outbox.store.begin(lease)  # a worker started it, then died
+        assert started is not None
+        outbox.store.clock = lambda: started.deadline_ms  # the lease expired
         (new,) = outbox.store.claim().leases
         handle.apply(
             args=[lease.event.as_dict()],
@@ -372,7 +374,9 @@ class TestWriteBack:
 
         outbox.emit("order.created")
         (old,) = outbox.store.claim().leases
-        outbox.store.clock = lambda: old.deadline_ms + 1  # the lease expired
+        started = outbox.store.begin(old)  # its worker starts, then stalls
+        assert started is not None
+        outbox.store.clock = lambda: started.deadline_ms + 1  # the lease expired
         (new,) = outbox.store.claim().leases
         handle.apply(
             args=[old.event.as_dict()],

@@ -263,6 +263,8 @@ class LeaseMachine(RuleBasedStateMachine):
                 seen("claimed")
             assert lease.event.attempt == _retries(old) + lost + 1
             assert "runningSince" not in after[lease.event.id]
+            # A lease that never started is sent again under its token.
+            assert (lease.token == _token(old)) == (reclaim and not lost)
             assert lease.deadline_ms == now + TIMEOUT_MS
             new = after[event_id]
             assert _status(new) == Status.ACTIVE.value
@@ -311,9 +313,17 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule(actor=st.integers(0, ACTORS - 1), lease=leases)
     def begin(self, actor: int, lease: Lease) -> None:
-        """A handler starts under a lease it holds or once held."""
+        """A handler starts under a lease it holds or once held.
+
+        Only the first start of an attempt goes through: a second copy of
+        its message (a lease sent again before it started) must not run.
+        """
         before = self.before().get(lease.event.id)
-        live = _status(before) == Status.ACTIVE.value and _token(before) == lease.token
+        live = (
+            _status(before) == Status.ACTIVE.value
+            and _token(before) == lease.token
+            and "runningSince" not in before
+        )
         renewed = self.actors[actor].begin(lease)
         after = self.store.get_item(lease.event.id)
         seen("a live begin" if live else "a stale begin")

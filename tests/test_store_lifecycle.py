@@ -151,6 +151,7 @@ class TestWriteBack:
         clock = on_clock(store)
         store.publish([Event.new("a.b")])
         old = claim_one(store)
+        assert store.begin(old) is not None  # its worker starts, then stalls
         clock.advance(1000)
         new = claim_one(store)
         assert new.token != old.token
@@ -293,16 +294,17 @@ class TestPoisonCap:
         assert store.stats().counts[Status.FAILED] == 1
 
     def test_unstarted_lease_costs_no_attempt(self, store_factory: Factory) -> None:
-        """A lease whose handler never started is reclaimed without a retry."""
+        """A lease whose handler never started is sent again without a retry."""
         store = store_factory(max_retries=0, processing_timeout_ms=1000)
         clock = on_clock(store)
         store.publish([Event.new("queued")])
-        first = claim_one(store)  # its message is lost in the broker
+        first = claim_one(store)  # its message waits in the broker
         clock.advance(1000)
         again = claim_one(store)
-        assert again.event.attempt == 1 and again.token != first.token
-        assert store.begin(first) is None  # the late message must not run
-        assert store.begin(again) is not None
+        assert again.event.attempt == 1 and again.token == first.token
+        assert again.deadline_ms == clock.now + 1000
+        assert store.begin(first) is not None  # the first copy to arrive runs
+        assert store.begin(again) is None  # the other one must not
 
     def test_expired_leases_go_first(self, store_factory: Factory) -> None:
         """A lost worker's event is reclaimed before newer due events."""
