@@ -6,8 +6,8 @@ boto3's default session, so every client the outbox makes in this process
 (and in its prefork children) meets the faults.
 
 Handlers record each invocation: ``start`` when the body begins, ``end``
-when it returns or raises, ``wb`` once the write-back returned, ``skip``
-when a message arrived after its lease had expired.
+when it returns or raises, ``wb`` with the write-back's outcome (or its
+error), ``skip`` when a message arrived after its lease had expired.
 """
 
 from __future__ import annotations
@@ -15,22 +15,24 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import boto3
 from celery import Celery
 from celery.exceptions import Ignore
-from celery.signals import task_success
+from celery.signals import task_prerun, task_success
 
-from celery_outbox import Outbox
+from celery_outbox import Lease, Outbox
 from celery_outbox.handlers import HandlerTask
-from celery_outbox.store import wall_clock_ms
+from celery_outbox.store import Outcome, wall_clock_ms
 from chaos.faults import FaultInjector
 from chaos.record import Recorder
 
 __all__ = ["EVENT_TYPES", "HANDLER_QUEUE", "app", "outbox", "record"]
 
-HANDLER_QUEUE = "chaos-handlers"
+HANDLER_QUEUE = os.environ.get("CHAOS_HANDLER_QUEUE") or None
+"""None: handler messages share the drain's queue (the library's default)."""
 EVENT_TYPES = ("chaos.work", "chaos.flaky", "chaos.poison")
 """Work that succeeds; fails on its first attempt only; always fails."""
 
@@ -77,37 +79,28 @@ outbox = Outbox(app, clock=skewed_clock if SKEW_MS else None)
 class ChaosTask(HandlerTask):
     """A handler task that records its write-backs and skipped messages."""
 
-    abstract = True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         try:
-            return super().__call__(*args, **kwargs)
+            super().before_start(task_id, args, kwargs)
         except Ignore:
             lease = self.lease_of(args)
             if lease is not None:
                 record("skip", id=lease.event.id, token=lease.token)
             raise
 
-    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        self._recorded("complete", super().on_success, retval, task_id, args, kwargs)
-
-    def on_failure(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        if isinstance(exc, Ignore):
-            return
-        self._recorded("fail", super().on_failure, exc, task_id, args, kwargs, einfo)
-
-    def _recorded(self, what: str, write: Any, *args: Any) -> None:
-        lease = self.lease_of(args[2])
-        token = None if lease is None else lease.token
-        event_id = None if lease is None else lease.event.id
-        try:
-            write(*args)
-        except Exception as exc:
-            record("wb", id=event_id, token=token, what=what, error=repr(exc))
-            raise
-        record("wb", id=event_id, token=token, what=what)
+    def _write_back(
+        self, lease: Lease, what: str, write: Callable[[Lease], Outcome]
+    ) -> Outcome | None:
+        # HandlerTask's one door to DynamoDB after the body: its outcome is
+        # None when the write failed (and was logged).
+        outcome = super()._write_back(lease, what, write)
+        fields: dict[str, Any] = {"id": lease.event.id, "token": lease.token}
+        if outcome is None:
+            fields["error"] = "the write-back failed"
+        else:
+            fields["outcome"] = outcome.value
+        record("wb", what=what, **fields)
+        return outcome
 
 
 def _handler(event_type: str) -> Any:
@@ -138,7 +131,18 @@ def _handler(event_type: str) -> Any:
 handlers = {event_type: _handler(event_type) for event_type in EVENT_TYPES}
 
 
+_drain_started: dict[str, float] = {}
+
+
+@task_prerun.connect(weak=False)
+def _drain_starts(sender: Any = None, task_id: str = "", **kwargs: Any) -> None:
+    if sender is not None and sender.name == "celery_outbox.drain":
+        _drain_started[task_id] = time.monotonic()
+
+
 @task_success.connect(weak=False)
 def _drained(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
     if sender is not None and sender.name == "celery_outbox.drain":
-        record("drain", by="beat", **(result or {}))
+        began = _drain_started.pop(sender.request.id, None)
+        took_ms = None if began is None else round((time.monotonic() - began) * 1000)
+        record("drain", by="beat", took_ms=took_ms, **(result or {}))

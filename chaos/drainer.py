@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 from chaos.app import outbox, record
@@ -26,12 +27,14 @@ def main() -> None:
     interval_s = outbox.config.poll_interval_ms / 1000
     record("drainer-started")
     while not stop.is_set():
+        began = time.monotonic()
         try:
             summary = outbox.drain()
         except Exception as exc:  # the next drain tries again
             record("drain-error", error=repr(exc))
         else:
-            record("drain", by="loop", **summary)
+            took_ms = round((time.monotonic() - began) * 1000)
+            record("drain", by="loop", took_ms=took_ms, **summary)
         # The loop's pace, like beat's schedule; nothing waits on it.
         stop.wait(interval_s)
 

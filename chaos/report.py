@@ -12,8 +12,8 @@ repeat is a duplicate, and must be explained by an interrupted attempt:
 * ``write-back failed``: the outcome could not be written (DynamoDB errors
   outlasted the retries);
 * ``lease expired before write-back``: the outcome arrived after the lease
-  had expired by the fastest drainer's clock, so the event had already been
-  reclaimed and the write was a no-op.
+  had expired and the event had been reclaimed, so the write-back was stale
+  (a no-op).
 
 A repeat that is none of these is ``unexplained``, and so is a second run
 that started while the first attempt's lease was still live (``overlaps``).
@@ -45,6 +45,8 @@ class Invocation:
     ok: bool | None = None
     written: int | None = None
     """When the write-back returned (successfully), if it did."""
+    outcome: str | None = None
+    """What the write-back did: completed, retrying, failed or stale."""
     write_error: str | None = None
     kind: str = field(default="first")
     """``first``, ``retry`` (after a planned failure) or ``duplicate``."""
@@ -85,7 +87,7 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
         if "error" in rec:
             run.write_error = str(rec["error"])
         else:
-            run.written = int(rec["t"])
+            run.written, run.outcome = int(rec["t"]), rec.get("outcome")
     for event_runs in runs.values():
         event_runs.sort(key=lambda r: (r.started, r.attempt))
     return dict(runs)
@@ -113,9 +115,10 @@ def _classify(
         if earlier.pid in killed:
             return "killed before write-back", overlap
         return "unexplained: no write-back and no kill", overlap
-    if earlier.deadline is not None and earlier.written >= earlier.deadline - lead_ms:
+    if earlier.outcome == "stale":
+        # The store found another lease in place: the event was reclaimed.
         return "lease expired before write-back", overlap
-    return "unexplained: the write-back was in time", overlap
+    return f"unexplained: a live write-back ({earlier.outcome}) came first", overlap
 
 
 def analyse(
@@ -203,6 +206,12 @@ def analyse(
         if table.get(i, {}).get("status", {}).get("S") == "completed"
         and i not in handled
     )
+    # Only a started attempt counts against the retries, so an event can
+    # end failed only after its handler ran at least once.
+    failed_unrun = sorted(
+        i for i in expected
+        if table.get(i, {}).get("status", {}).get("S") == "failed" and i not in runs
+    )
     missing = sorted(i for i in expected if i not in table)
     lost = len(missing) + len(completed_unhandled)
     order_events = {o.removeprefix("order-") for o in orders}
@@ -220,6 +229,11 @@ def analyse(
         problems.append(f"{unexplained} duplicate invocations unexplained")
     if overlaps:
         problems.append(f"{overlaps} invocations started under a second live lease")
+    if failed_unrun:
+        problems.append(
+            f"{len(failed_unrun)} events failed without their handler ever "
+            f"running: {failed_unrun[:5]}"
+        )
     if torn:
         problems.append(f"{len(torn)} order transactions half-written: {torn[:5]}")
     poison = sum(1 for t in emitted.values() if t == "chaos.poison")
@@ -230,6 +244,7 @@ def analyse(
         "completed": status["completed"],
         "failed": status["failed"],
         "failed_by_error": dict(failed_by),
+        "failed_without_running": len(failed_unrun),
         "poison_events": poison,
         "pending": pending,
         "lost": lost,

@@ -193,11 +193,12 @@ def run(args: argparse.Namespace, folder: Path, say: Callable[[str], None]) -> d
             "CHAOS_TIMEOUT_MS": str(args.timeout_ms),
             "CHAOS_POLL_MS": str(args.poll_ms),
             "CHAOS_MAX_RETRIES": str(args.max_retries),
+            "CHAOS_HANDLER_QUEUE": args.handler_queue or "",
         }
         celery = [sys.executable, "-m", "celery", "-A", "chaos.app"]
         workers = [
             procs.spawn(f"worker{n}", [
-                *celery, "worker", "-n", f"chaos{n}@%h", "-Q", "chaos,chaos-handlers",
+                *celery, "worker", "-n", f"chaos{n}@%h", "-Q", ",".join(["chaos", *([args.handler_queue] if args.handler_queue else [])]),
                 "-c", str(args.concurrency), "-l", "WARNING",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",
             ])
@@ -293,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-ms", type=int, default=8000, help="processing timeout")
     p.add_argument("--poll-ms", type=int, default=500, help="drain interval")
     p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--handler-queue", default=None,
+                   help="a queue of their own for handler messages (default: "
+                   "they share the drain's queue)")
     p.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
     p.add_argument("--kill-every-s", type=float, default=2.0,
                    help="mean time between SIGKILLs of worker children")
