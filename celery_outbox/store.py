@@ -184,7 +184,8 @@ class OutboxStore(Emits, TableSetup, Inspection):
         if seen_token:
             conditions.append("#token = :seen")
             conditions.append(
-                "attribute_exists(#running)" if started
+                "attribute_exists(#running)"
+                if started
                 else "attribute_not_exists(#running)"
             )
             values[":seen"] = {"S": seen_token}

@@ -7,7 +7,8 @@ boto3's default session, so every client the outbox makes in this process
 
 Handlers record each invocation: ``start`` when the body begins, ``end``
 when it returns or raises, ``wb`` with the write-back's outcome (or its
-error), ``skip`` when a message arrived after its lease had expired.
+error), ``skip`` when a message was not run: its lease had been reclaimed
+or written back, or another copy of it had started.
 """
 
 from __future__ import annotations
@@ -111,8 +112,12 @@ def _handler(event_type: str) -> Any:
         token = None if lease is None else lease.token
         deadline = None if lease is None else lease.deadline_ms
         record(
-            "start", id=event.id, type=event.type, attempt=event.attempt,
-            token=token, deadline=deadline,
+            "start",
+            id=event.id,
+            type=event.type,
+            attempt=event.attempt,
+            token=token,
+            deadline=deadline,
         )
         # Stands in for the handler's own work: a kill may land in it.
         time.sleep(rng.uniform(0, WORK_MS) / 1000)
@@ -121,7 +126,7 @@ def _handler(event_type: str) -> Any:
         )
         record("end", id=event.id, token=token, ok=not fails)
         if fails:
-            raise RuntimeError(f"planned failure of {event.type} attempt {event.attempt}")
+            raise RuntimeError(f"planned failure of {event.type} #{event.attempt}")
 
     handle.__name__ = event_type.replace(".", "_")
     handle.__qualname__ = handle.__name__

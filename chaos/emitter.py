@@ -38,9 +38,7 @@ def main(argv: list[str]) -> None:
     sent = 0
     while sent < total:
         size = min(total - sent, rng.choice([1, 1, 1, 2, 5, 10]))
-        events = [
-            Event.new(pick_type(rng), {"n": sent + i}) for i in range(size)
-        ]
+        events = [Event.new(pick_type(rng), {"n": sent + i}) for i in range(size)]
         mode = "put" if size == 1 else "batch"
         if size == 1 and rng.random() < 0.5:
             mode = "order"

@@ -29,9 +29,9 @@ __all__ = ["KINDS", "FaultInjector"]
 KINDS = ("throttle", "server", "lost-reply")
 
 _ERRORS = {
-    "throttle": (400, "ThrottlingException", "Rate of requests exceeds the allowed throughput."),
+    "throttle": (400, "ThrottlingException", "Rate of requests exceeds throughput"),
     "server": (500, "InternalServerError", "Internal server error"),
-    "lost-reply": (500, "InternalServerError", "The connection dropped after the request"),
+    "lost-reply": (500, "InternalServerError", "The reply was lost"),
 }
 
 

@@ -62,8 +62,12 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
     for rec in records:
         if rec["k"] == "start":
             run = Invocation(
-                rec["id"], rec.get("token"), int(rec.get("attempt", 1)),
-                int(rec["pid"]), int(rec["t"]), rec.get("deadline"),
+                rec["id"],
+                rec.get("token"),
+                int(rec.get("attempt", 1)),
+                int(rec["pid"]),
+                int(rec["t"]),
+                rec.get("deadline"),
             )
             runs[run.event_id].append(run)
             by_token[(run.token, run.pid)].append(run)
@@ -78,8 +82,11 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
                 run.ended, run.ok = int(rec["t"]), bool(rec["ok"])
             continue
         run = next(
-            (r for r in matches if r.ended is not None and r.written is None
-             and r.write_error is None),
+            (
+                r
+                for r in matches
+                if r.ended is not None and r.written is None and r.write_error is None
+            ),
             None,
         )
         if run is None:
@@ -202,14 +209,16 @@ def analyse(
             overlaps += overlap
 
     completed_unhandled = sorted(
-        i for i in expected
+        i
+        for i in expected
         if table.get(i, {}).get("status", {}).get("S") == "completed"
         and i not in handled
     )
     # Only a started attempt counts against the retries, so an event can
     # end failed only after its handler ran at least once.
     failed_unrun = sorted(
-        i for i in expected
+        i
+        for i in expected
         if table.get(i, {}).get("status", {}).get("S") == "failed" and i not in runs
     )
     missing = sorted(i for i in expected if i not in table)
@@ -221,8 +230,10 @@ def analyse(
     pending = sum(status[s] for s in PENDING)
     problems = []
     if lost:
-        problems.append(f"{lost} events lost: missing {missing[:5]}, completed "
-                        f"without a successful handler run {completed_unhandled[:5]}")
+        problems.append(
+            f"{lost} events lost: missing {missing[:5]}, completed "
+            f"without a successful handler run {completed_unhandled[:5]}"
+        )
     if pending:
         problems.append(f"{pending} events still pending at the end")
     if unexplained:
@@ -256,7 +267,7 @@ def analyse(
         "duplicates_by_reason": dict(reasons),
         "unexplained_duplicates": unexplained,
         "overlapping_leases": overlaps,
-        "skipped_expired_messages": skips,
+        "skipped_messages": skips,
         "faults": {k: faults[k] for k in sorted(faults)},
         "worker_children_killed": kills,
         "redis_restarts": restarts,

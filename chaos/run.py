@@ -19,6 +19,7 @@ an interrupted attempt to explain it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -41,7 +42,7 @@ from celery_outbox.testing import DynamoDBLocal, fake_credentials, free_port  # 
 from chaos.record import Recorder, read_all  # noqa: E402
 from chaos.report import analyse  # noqa: E402
 
-__all__ = ["main", "run"]
+__all__ = ["ChaosRun", "main"]
 
 TABLE = "chaos-outbox"
 ORDERS = "chaos-orders"
@@ -78,9 +79,20 @@ class Redis:
         """Start it and wait until it answers PING."""
         log = (self.folder / "redis.log").open("ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=log, stderr=log, start_new_session=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         wait_for(self.answers, 20, f"redis-server on port {self.port}")
 
@@ -122,8 +134,12 @@ class Processes:
         """Start ``args`` as ``name``, logging to ``<folder>/<name>.log``."""
         log = (self.folder / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            args, cwd=ROOT, env={**self.env, "CHAOS_ROLE": name, **env},
-            stdout=log, stderr=log, start_new_session=True,
+            args,
+            cwd=ROOT,
+            env={**self.env, "CHAOS_ROLE": name, **env},
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         self.procs[name] = proc
         return proc
@@ -135,16 +151,12 @@ class Processes:
                 proc.terminate()
         end = time.monotonic() + deadline_s
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
         for proc in self.procs.values():
             # The group holds a worker's pool children too.
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
             proc.wait(10)
 
 
@@ -160,34 +172,80 @@ def scan(client: Any, table: str) -> dict[str, dict[str, Any]]:
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
-def run(args: argparse.Namespace, folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    """One chaos run in ``folder``; returns the figures."""
-    fake_credentials()
-    rng = random.Random(args.seed)
-    note = Recorder(folder, "orchestrator")
-    ddb = DynamoDBLocal().start()
-    redis = Redis(folder)
-    procs = Processes(folder, {})
-    try:
+class ChaosRun:
+    """One chaos run: services, processes, the chaos itself, the figures."""
+
+    def __init__(
+        self, args: argparse.Namespace, folder: Path, say: Callable[[str], None]
+    ) -> None:
+        self.args = args
+        self.folder = folder
+        self.say = say
+        self.rng = random.Random(args.seed)
+        self.note = Recorder(folder, "orchestrator")
+        self.ddb = DynamoDBLocal()
+        self.redis = Redis(folder)
+        self.procs = Processes(folder, {})
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.store: OutboxStore | None = None
+
+    def run(self) -> dict[str, Any]:
+        """Run everything, stop everything, and return the figures."""
+        try:
+            store = self.set_up()
+            self.start_processes()
+            started = time.monotonic()
+            self.make_chaos()
+            self.say(
+                f"emitter done after {time.monotonic() - started:.0f} s; waiting "
+                "for every event to complete or fail"
+            )
+            self.settle(store)
+            took = time.monotonic() - started
+            self.procs.stop()
+            table = scan(store.client, TABLE)
+            orders = set(scan(store.client, ORDERS))
+        finally:
+            self.procs.stop()
+            self.redis.stop()
+            self.ddb.stop()
+        figures = analyse(
+            list(read_all(self.folder)), table, orders, skew_ms=self.args.skew_ms
+        )
+        figures["seconds"] = round(took)
+        figures["settings"] = self.settings()
+        return figures
+
+    def set_up(self) -> OutboxStore:
+        """DynamoDB Local with the outbox and orders tables, and Redis."""
+        fake_credentials()
+        self.ddb.start()
+        endpoint = self.ddb.endpoint_url
         config = OutboxConfig(
-            table_name=TABLE, endpoint_url=ddb.endpoint_url, region_name="us-east-1"
+            table_name=TABLE, endpoint_url=endpoint, region_name="us-east-1"
         )
         store = OutboxStore(config)
         store.create_table()
         store.client.create_table(
-            TableName=ORDERS, BillingMode="PAY_PER_REQUEST",
+            TableName=ORDERS,
+            BillingMode="PAY_PER_REQUEST",
             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
             KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
         )
-        redis.start()
-        procs.env = {
+        self.redis.start()
+        return store
+
+    def start_processes(self) -> None:
+        """Two workers, two beats and the skewed drain loop; wait for the pools."""
+        args = self.args
+        self.procs.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p
             ),
-            "CHAOS_DIR": str(folder),
-            "CHAOS_BROKER": redis.url,
-            "CHAOS_ENDPOINT": ddb.endpoint_url,
+            "CHAOS_DIR": str(self.folder),
+            "CHAOS_BROKER": self.redis.url,
+            "CHAOS_ENDPOINT": self.ddb.endpoint_url,
             "CHAOS_TABLE": TABLE,
             "CHAOS_FAULT_RATE": str(args.fault_rate),
             "CHAOS_TIMEOUT_MS": str(args.timeout_ms),
@@ -196,89 +254,94 @@ def run(args: argparse.Namespace, folder: Path, say: Callable[[str], None]) -> d
             "CHAOS_HANDLER_QUEUE": args.handler_queue or "",
         }
         celery = [sys.executable, "-m", "celery", "-A", "chaos.app"]
-        workers = [
-            procs.spawn(f"worker{n}", [
-                *celery, "worker", "-n", f"chaos{n}@%h", "-Q", ",".join(["chaos", *([args.handler_queue] if args.handler_queue else [])]),
+        queues = ",".join(["chaos", *filter(None, [args.handler_queue])])
+        for n in (1, 2):
+            self.workers.append(self.procs.spawn(f"worker{n}", [
+                *celery, "worker", "-n", f"chaos{n}@%h", "-Q", queues,
                 "-c", str(args.concurrency), "-l", "WARNING",
                 "--without-gossip", "--without-mingle", "--without-heartbeat",
-            ])
-            for n in (1, 2)
-        ]
-        for n in (1, 2):
-            procs.spawn(f"beat{n}", [
-                *celery, "beat", "-l", "WARNING", "-s", str(folder / f"beat{n}-schedule"),
-            ])
-        procs.spawn(
-            "drainer", [sys.executable, "-m", "chaos.drainer"],
+            ]))  # fmt: skip
+            schedule = str(self.folder / f"beat{n}-schedule")
+            self.procs.spawn(
+                f"beat{n}", [*celery, "beat", "-l", "WARNING", "-s", schedule]
+            )
+        self.procs.spawn(
+            "drainer",
+            [sys.executable, "-m", "chaos.drainer"],
             CHAOS_SKEW_MS=str(args.skew_ms),
         )
         wait_for(
-            lambda: all(len(children(w.pid)) >= args.concurrency for w in workers),
-            120, "the workers' pool processes",
+            lambda: all(len(children(w.pid)) >= args.concurrency for w in self.workers),
+            120,
+            "the workers' pool processes",
         )
-        say(f"emitting {args.events} events at {args.rate}/s into {ddb.endpoint_url}")
-        emitter = procs.spawn("emitter", [
+
+    def make_chaos(self) -> None:
+        """Emit; meanwhile kill worker children and restart Redis once."""
+        args = self.args
+        self.say(f"emitting {args.events} events at {args.rate}/s")
+        emitter = self.procs.spawn("emitter", [
             sys.executable, "-m", "chaos.emitter",
             str(args.events), str(args.rate), str(args.seed), ORDERS,
-        ])
+        ])  # fmt: skip
         started = time.monotonic()
-        restart_at = started + 0.4 * args.events / args.rate
-        restarted = False
-        next_kill = started + rng.uniform(0.5, 1.5) * args.kill_every_s
+        restart_at: float | None = started + 0.4 * args.events / args.rate
+        next_kill = started + self.rng.uniform(0.5, 1.5) * args.kill_every_s
         while emitter.poll() is None:
             now = time.monotonic()
-            if not restarted and now >= restart_at:
-                say("restarting Redis")
-                redis.restart()
-                note("redis-restart")
-                restarted = True
+            if restart_at is not None and now >= restart_at:
+                self.restart_redis()
+                restart_at = None
             if now >= next_kill:
-                victims = [c for w in workers for c in children(w.pid)]
-                if victims:
-                    victim = rng.choice(victims)
-                    try:
-                        os.kill(victim, signal.SIGKILL)
-                        note("kill", victim=victim)
-                    except ProcessLookupError:
-                        pass
-                next_kill = now + rng.uniform(0.5, 1.5) * args.kill_every_s
-            wake = next_kill if restarted else min(next_kill, restart_at)
-            try:
+                self.kill_a_worker_child()
+                next_kill = now + self.rng.uniform(0.5, 1.5) * args.kill_every_s
+            wake = min(next_kill, restart_at or next_kill)
+            # Sleep until the next action, or until the emitter is done.
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 emitter.wait(max(0.01, wake - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        if not restarted:
-            redis.restart()
-            note("redis-restart")
-        say(f"emitter done after {time.monotonic() - started:.0f} s; waiting for "
-            "every event to complete or fail")
+        if restart_at is not None:
+            self.restart_redis()
+
+    def restart_redis(self) -> None:
+        """Restart the broker: every message it held is gone."""
+        self.say("restarting Redis")
+        self.redis.restart()
+        self.note("redis-restart")
+
+    def kill_a_worker_child(self) -> None:
+        """SIGKILL one pool process of one worker, chosen at random."""
+        victims = [c for w in self.workers for c in children(w.pid)]
+        if not victims:
+            return
+        victim = self.rng.choice(victims)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+            self.note("kill", victim=victim)
+
+    def settle(self, store: OutboxStore) -> None:
+        """Wait, with a deadline, until no event is created or active."""
 
         def settled() -> bool:
             counts = store.stats().counts
             return counts[Status.CREATED.value] + counts[Status.ACTIVE.value] == 0
 
         try:
-            wait_for(settled, args.settle_s, "every event to complete or fail")
+            wait_for(settled, self.args.settle_s, "every event to complete or fail")
         except TimeoutError as exc:
-            say(str(exc))
-        took = time.monotonic() - started
-        procs.stop()
-        table = scan(store.client, TABLE)
-        orders = set(scan(store.client, ORDERS))
-    finally:
-        procs.stop()
-        redis.stop()
-        ddb.stop()
-    figures = analyse(list(read_all(folder)), table, orders, skew_ms=args.skew_ms)
-    figures["seconds"] = round(took)
-    figures["settings"] = {
-        "events": args.events, "rate_per_s": args.rate, "fault_rate": args.fault_rate,
-        "skew_ms": args.skew_ms, "processing_timeout_ms": args.timeout_ms,
-        "poll_interval_ms": args.poll_ms, "max_retries": args.max_retries,
-        "workers": 2, "concurrency": args.concurrency, "beats": 2,
-        "skewed_drain_loops": 1, "kill_every_s": args.kill_every_s, "seed": args.seed,
-    }
-    return figures
+            self.say(str(exc))
+
+    def settings(self) -> dict[str, Any]:
+        """The run's settings, for the figures."""
+        args = self.args
+        return {
+            "events": args.events, "rate_per_s": args.rate,
+            "fault_rate": args.fault_rate, "skew_ms": args.skew_ms,
+            "processing_timeout_ms": args.timeout_ms, "poll_interval_ms": args.poll_ms,
+            "max_retries": args.max_retries, "workers": 2,
+            "concurrency": args.concurrency, "beats": 2, "skewed_drain_loops": 1,
+            "handler_queue": args.handler_queue, "kill_every_s": args.kill_every_s,
+            "seed": args.seed,
+        }  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -286,22 +349,41 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=int, default=5000, help="events to emit (5000)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    p.add_argument("--rate", type=float, default=40, help="events emitted per second")
-    p.add_argument("--fault-rate", type=float, default=0.04,
-                   help="share of DynamoDB calls that fail (0.04)")
-    p.add_argument("--skew-ms", type=int, default=3000,
-                   help="how far the drain loop's clock runs ahead (3000)")
+    p.add_argument("--rate", type=float, default=20, help="events emitted per second")
+    p.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.04,
+        help="share of DynamoDB calls that fail (0.04)",
+    )
+    p.add_argument(
+        "--skew-ms",
+        type=int,
+        default=3000,
+        help="how far the drain loop's clock runs ahead (3000)",
+    )
     p.add_argument("--timeout-ms", type=int, default=8000, help="processing timeout")
     p.add_argument("--poll-ms", type=int, default=500, help="drain interval")
     p.add_argument("--max-retries", type=int, default=5)
-    p.add_argument("--handler-queue", default=None,
-                   help="a queue of their own for handler messages (default: "
-                   "they share the drain's queue)")
+    p.add_argument(
+        "--handler-queue",
+        default=None,
+        help="a queue of their own for handler messages (default: "
+        "they share the drain's queue)",
+    )
     p.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
-    p.add_argument("--kill-every-s", type=float, default=2.0,
-                   help="mean time between SIGKILLs of worker children")
-    p.add_argument("--settle-s", type=float, default=600,
-                   help="deadline for the last events to complete or fail")
+    p.add_argument(
+        "--kill-every-s",
+        type=float,
+        default=2.0,
+        help="mean time between SIGKILLs of worker children",
+    )
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=600,
+        help="deadline for the last events to complete or fail",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--keep", action="store_true", help="keep the records and logs")
     return p
@@ -318,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[chaos] {message}", file=sys.stderr, flush=True)
 
     try:
-        figures = run(args, folder, say)
+        figures = ChaosRun(args, folder, say).run()
     finally:
         if args.keep:
             say(f"records and logs kept in {folder}")

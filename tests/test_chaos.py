@@ -38,11 +38,23 @@ def test_reduced_chaos_run() -> None:
     need("redis-server")
     done = subprocess.run(
         [
-            sys.executable, str(ROOT / "chaos" / "run.py"), "--json",
-            "--events", "300", "--rate", "15", "--kill-every-s", "1",
-            "--settle-s", "300",
+            sys.executable,
+            str(ROOT / "chaos" / "run.py"),
+            "--json",
+            "--events",
+            "300",
+            "--rate",
+            "15",
+            "--kill-every-s",
+            "1",
+            "--settle-s",
+            "300",
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=840, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
     )
     assert done.stdout, done.stderr[-3000:]
     figures = json.loads(done.stdout)

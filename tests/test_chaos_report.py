@@ -27,22 +27,52 @@ def run(
 ) -> list[dict[str, Any]]:
     """The records of one handler run: start, maybe end, maybe a write-back."""
     records: list[dict[str, Any]] = [
-        {"k": "start", "id": event_id, "token": token, "pid": pid, "t": t,
-         "attempt": 1, "deadline": t + deadline},
+        {
+            "k": "start",
+            "id": event_id,
+            "token": token,
+            "pid": pid,
+            "t": t,
+            "attempt": 1,
+            "deadline": t + deadline,
+        },
     ]
     if ends is not None:
-        records.append({"k": "end", "id": event_id, "token": token, "pid": pid,
-                        "t": t + 1, "ok": ends})
+        records.append(
+            {
+                "k": "end",
+                "id": event_id,
+                "token": token,
+                "pid": pid,
+                "t": t + 1,
+                "ok": ends,
+            }
+        )
         if outcome is not None:
-            records.append({"k": "wb", "id": event_id, "token": token, "pid": pid,
-                            "t": t + 2, "what": "x", "outcome": outcome})
+            records.append(
+                {
+                    "k": "wb",
+                    "id": event_id,
+                    "token": token,
+                    "pid": pid,
+                    "t": t + 2,
+                    "what": "x",
+                    "outcome": outcome,
+                }
+            )
     return records
 
 
 def emitted(*ids: str, kind: str = "chaos.work") -> dict[str, Any]:
     """An emitter record for ``ids``."""
-    return {"k": "emit", "ids": list(ids), "types": [kind] * len(ids), "t": 0,
-            "pid": 9, "mode": "batch"}
+    return {
+        "k": "emit",
+        "ids": list(ids),
+        "types": [kind] * len(ids),
+        "t": 0,
+        "pid": 9,
+        "mode": "batch",
+    }
 
 
 class TestDuplicates:
@@ -108,9 +138,12 @@ class TestDuplicates:
 
     def test_skew_widens_the_window(self) -> None:
         """A drainer running ahead may reclaim that much before the deadline."""
-        records = [emitted("e"), *run("e", "a", 1, 100, ends=None),
-                   *run("e", "b", 2, 8_000),
-                   {"k": "kill", "victim": 1, "t": 150, "pid": 0}]
+        records = [
+            emitted("e"),
+            *run("e", "a", 1, 100, ends=None),
+            *run("e", "b", 2, 8_000),
+            {"k": "kill", "victim": 1, "t": 150, "pid": 0},
+        ]
         table = {"e": item("completed")}
         assert analyse(records, table, set(), skew_ms=0)["overlapping_leases"] == 1
         assert analyse(records, table, set(), skew_ms=3000)["overlapping_leases"] == 0
@@ -130,24 +163,40 @@ class TestOutcomes:
     def test_failed_without_running_is_a_problem(self) -> None:
         """Failing an event whose handler never ran breaks a promise."""
         records = [emitted("a")]
-        figures = analyse(records, {"a": item("failed", "LeaseExpired: x")}, set(),
-                          skew_ms=0)
+        figures = analyse(
+            records, {"a": item("failed", "LeaseExpired: x")}, set(), skew_ms=0
+        )
         assert figures["failed_without_running"] == 1
         assert figures["failed_by_error"] == {"LeaseExpired": 1}
         assert figures["problems"]
 
     def test_pending_and_torn_orders(self) -> None:
         """Pending events and orders without their event are reported."""
-        order = {"k": "emit", "ids": ["o"], "types": ["chaos.work"], "t": 0,
-                 "pid": 9, "mode": "order"}
+        order = {
+            "k": "emit",
+            "ids": ["o"],
+            "types": ["chaos.work"],
+            "t": 0,
+            "pid": 9,
+            "mode": "order",
+        }
         figures = analyse([order], {"o": item("active")}, {"order-x"}, skew_ms=0)
         assert figures["pending"] == 1
         assert len(figures["problems"]) == 2
 
     def test_emit_error_stored_anyway_is_expected(self) -> None:
         """An emit that raised but was written is an event like the others."""
-        records = [{"k": "emit-error", "ids": ["a"], "t": 0, "pid": 9,
-                    "mode": "put", "error": "x"}, *run("a", "t", 1, 100)]
+        records = [
+            {
+                "k": "emit-error",
+                "ids": ["a"],
+                "t": 0,
+                "pid": 9,
+                "mode": "put",
+                "error": "x",
+            },
+            *run("a", "t", 1, 100),
+        ]
         figures = analyse(records, {"a": item("completed")}, set(), skew_ms=0)
         assert figures["emit_errors_stored_anyway"] == 1
         assert figures["lost"] == 0 and figures["problems"] == []
