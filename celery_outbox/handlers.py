@@ -131,8 +131,8 @@ class HandlerTask(Task):  # type: ignore[misc]
         lease = self.lease_of(args)
         if lease is not None and self.outbox.store.begin(lease) is None:
             logger.warning(
-                "Skipped event %r (attempt %d): its lease ended while the "
-                "message waited (reclaimed or written back)",
+                "Skipped event %r (attempt %d): while the message waited, its "
+                "lease was reclaimed or written back, or another copy started it",
                 lease.event.id,
                 lease.event.attempt,
             )
