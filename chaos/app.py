@@ -5,7 +5,8 @@ Its settings come from ``CHAOS_*`` environment variables set by
 boto3's default session, so every client the outbox makes in this process
 (and in its prefork children) meets the faults.
 
-Handlers record each invocation: ``start`` when the body begins, ``end``
+Handlers record each invocation: ``begin`` before the lease is marked
+started, ``start`` when the body begins, ``end``
 when it returns or raises, ``wb`` with the write-back's outcome (or its
 error), ``skip`` when a message was not run: its lease had been reclaimed
 or written back, or another copy of it had started.
@@ -81,6 +82,11 @@ class ChaosTask(HandlerTask):
     """A handler task that records its write-backs and skipped messages."""
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        lease = self.lease_of(args)
+        if lease is not None:
+            # Taken before the start is written: the lease it renews lasts at
+            # least the processing timeout from here.
+            record("begin", id=lease.event.id, token=lease.token)
         try:
             super().before_start(task_id, args, kwargs)
         except Ignore:

@@ -40,7 +40,9 @@ class Invocation:
     attempt: int
     pid: int
     started: int
-    deadline: int | None
+    began: int | None
+    """When the worker was about to mark the attempt started (renewing the
+    lease for the processing timeout), if recorded."""
     ended: int | None = None
     ok: bool | None = None
     written: int | None = None
@@ -59,15 +61,19 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
     runs: dict[str, list[Invocation]] = defaultdict(list)
     by_token: dict[tuple[str | None, int], list[Invocation]] = defaultdict(list)
     later: list[dict[str, Any]] = []
+    began: dict[tuple[str | None, int], int] = {}
     for rec in records:
-        if rec["k"] == "start":
+        if rec["k"] == "begin":
+            # A process records its begin, then its start, in that order.
+            began[(rec.get("token"), int(rec["pid"]))] = int(rec["t"])
+        elif rec["k"] == "start":
             run = Invocation(
                 rec["id"],
                 rec.get("token"),
                 int(rec.get("attempt", 1)),
                 int(rec["pid"]),
                 int(rec["t"]),
-                rec.get("deadline"),
+                began.get((rec.get("token"), int(rec["pid"]))),
             )
             runs[run.event_id].append(run)
             by_token[(run.token, run.pid)].append(run)
@@ -101,13 +107,17 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
 
 
 def _classify(
-    earlier: Invocation, run: Invocation, killed: set[int], lead_ms: int
+    earlier: Invocation, run: Invocation, killed: set[int], live_ms: int
 ) -> tuple[str, bool]:
-    """Why ``run`` repeated ``earlier``, and whether their leases overlapped."""
+    """Why ``run`` repeated ``earlier``, and whether their leases overlapped.
+
+    ``earlier``'s lease was live for at least ``live_ms`` after it began, as
+    the fastest clock sees it; a run of the event starting within that time,
+    before ``earlier`` wrote back, started under a second live lease.
+    """
     overlap = bool(
-        earlier.deadline is not None
-        and earlier.token != run.token
-        and run.started < earlier.deadline - lead_ms
+        earlier.began is not None
+        and run.started < earlier.began + live_ms
         and (earlier.written is None or earlier.written > run.started)
     )
     if earlier.token == run.token:
@@ -134,6 +144,7 @@ def analyse(
     orders: set[str],
     *,
     skew_ms: int,
+    timeout_ms: int,
 ) -> dict[str, Any]:
     """The run's figures; ``problems`` lists every broken promise.
 
@@ -143,6 +154,7 @@ def analyse(
         orders: the ids of the business items the emitter's transactions
             wrote beside their events.
         skew_ms: how far the skewed drainer's clock runs ahead.
+        timeout_ms: the processing timeout (the length of a lease).
     """
     emitted: dict[str, str] = {}
     ordered: set[str] = set()
@@ -191,7 +203,8 @@ def analyse(
     reasons: Counter[str] = Counter()
     overlaps = duplicates = 0
     handled = set()
-    lead_ms = max(skew_ms, 0)
+    # A drainer whose clock runs ahead sees every lease end that much early.
+    live_ms = timeout_ms - max(skew_ms, 0)
     for event_id, event_runs in runs.items():
         for i, run in enumerate(event_runs):
             if run.ok:
@@ -204,7 +217,7 @@ def analyse(
                 continue
             run.kind = "duplicate"
             duplicates += 1
-            run.reason, overlap = _classify(earlier, run, killed, lead_ms)
+            run.reason, overlap = _classify(earlier, run, killed, live_ms)
             reasons[run.reason] += 1
             overlaps += overlap
 

@@ -210,7 +210,11 @@ class ChaosRun:
             self.redis.stop()
             self.ddb.stop()
         figures = analyse(
-            list(read_all(self.folder)), table, orders, skew_ms=self.args.skew_ms
+            list(read_all(self.folder)),
+            table,
+            orders,
+            skew_ms=self.args.skew_ms,
+            timeout_ms=self.args.timeout_ms,
         )
         figures["seconds"] = round(took)
         figures["settings"] = self.settings()

@@ -6,6 +6,8 @@ from typing import Any
 
 from chaos.report import analyse
 
+TIMEOUT = 10_000
+
 
 def item(status: str, error: str = "") -> dict[str, Any]:
     """A final table item in ``status``."""
@@ -23,42 +25,18 @@ def run(
     *,
     ends: bool | None = True,
     outcome: str | None = "completed",
-    deadline: int = 10_000,
 ) -> list[dict[str, Any]]:
-    """The records of one handler run: start, maybe end, maybe a write-back."""
+    """The records of one handler run: begin, start, maybe end and write-back."""
+    common = {"id": event_id, "token": token, "pid": pid}
     records: list[dict[str, Any]] = [
-        {
-            "k": "start",
-            "id": event_id,
-            "token": token,
-            "pid": pid,
-            "t": t,
-            "attempt": 1,
-            "deadline": t + deadline,
-        },
+        {"k": "begin", "t": t - 1, **common},
+        {"k": "start", "t": t, "attempt": 1, **common},
     ]
     if ends is not None:
-        records.append(
-            {
-                "k": "end",
-                "id": event_id,
-                "token": token,
-                "pid": pid,
-                "t": t + 1,
-                "ok": ends,
-            }
-        )
+        records.append({"k": "end", "t": t + 1, "ok": ends, **common})
         if outcome is not None:
             records.append(
-                {
-                    "k": "wb",
-                    "id": event_id,
-                    "token": token,
-                    "pid": pid,
-                    "t": t + 2,
-                    "what": "x",
-                    "outcome": outcome,
-                }
+                {"k": "wb", "t": t + 2, "what": "x", "outcome": outcome, **common}
             )
     return records
 
@@ -81,7 +59,9 @@ class TestDuplicates:
     def figures(self, *records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         flat = [emitted("e")] + [r for rs in records for r in rs]
         flat.extend(extra.get("more", []))
-        return analyse(flat, {"e": item("completed")}, set(), skew_ms=0)
+        return analyse(
+            flat, {"e": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
+        )
 
     def test_retry_after_planned_failure_is_no_duplicate(self) -> None:
         """A handler that raised, then ran again, is a retry."""
@@ -145,8 +125,18 @@ class TestDuplicates:
             {"k": "kill", "victim": 1, "t": 150, "pid": 0},
         ]
         table = {"e": item("completed")}
-        assert analyse(records, table, set(), skew_ms=0)["overlapping_leases"] == 1
-        assert analyse(records, table, set(), skew_ms=3000)["overlapping_leases"] == 0
+        assert (
+            analyse(records, table, set(), skew_ms=0, timeout_ms=TIMEOUT)[
+                "overlapping_leases"
+            ]
+            == 1
+        )
+        assert (
+            analyse(records, table, set(), skew_ms=3000, timeout_ms=TIMEOUT)[
+                "overlapping_leases"
+            ]
+            == 0
+        )
 
 
 class TestOutcomes:
@@ -156,7 +146,7 @@ class TestOutcomes:
         """An event missing from the table, or completed unhandled, is lost."""
         records = [emitted("a", "b", "c"), *run("c", "t", 1, 100)]
         table = {"b": item("completed"), "c": item("completed")}
-        figures = analyse(records, table, set(), skew_ms=0)
+        figures = analyse(records, table, set(), skew_ms=0, timeout_ms=TIMEOUT)
         assert figures["lost"] == 2
         assert figures["completed"] == 2
 
@@ -164,7 +154,11 @@ class TestOutcomes:
         """Failing an event whose handler never ran breaks a promise."""
         records = [emitted("a")]
         figures = analyse(
-            records, {"a": item("failed", "LeaseExpired: x")}, set(), skew_ms=0
+            records,
+            {"a": item("failed", "LeaseExpired: x")},
+            set(),
+            skew_ms=0,
+            timeout_ms=TIMEOUT,
         )
         assert figures["failed_without_running"] == 1
         assert figures["failed_by_error"] == {"LeaseExpired": 1}
@@ -180,7 +174,9 @@ class TestOutcomes:
             "pid": 9,
             "mode": "order",
         }
-        figures = analyse([order], {"o": item("active")}, {"order-x"}, skew_ms=0)
+        figures = analyse(
+            [order], {"o": item("active")}, {"order-x"}, skew_ms=0, timeout_ms=TIMEOUT
+        )
         assert figures["pending"] == 1
         assert len(figures["problems"]) == 2
 
@@ -197,6 +193,8 @@ class TestOutcomes:
             },
             *run("a", "t", 1, 100),
         ]
-        figures = analyse(records, {"a": item("completed")}, set(), skew_ms=0)
+        figures = analyse(
+            records, {"a": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
+        )
         assert figures["emit_errors_stored_anyway"] == 1
         assert figures["lost"] == 0 and figures["problems"] == []
