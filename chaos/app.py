@@ -62,7 +62,6 @@ app.conf.update(
     task_default_queue="chaos",
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
     outbox_table_name=_env("TABLE", "chaos-outbox"),
     outbox_endpoint_url=_env("ENDPOINT", "http://127.0.0.1:8000"),
     outbox_region_name="us-east-1",
