@@ -57,6 +57,7 @@ NAMES = {
     "#error": ev.LAST_ERROR,
     "#token": ev.LEASE_TOKEN,
     "#expires": ev.EXPIRES_AT,
+    "#running": ev.RUNNING_SINCE,
 }
 
 

@@ -43,6 +43,8 @@ LAST_ERROR = "lastError"
 LEASE_TOKEN = "leaseToken"
 EXPIRES_AT = "expiresAt"
 """TTL attribute (epoch seconds) of completed events kept for inspection."""
+RUNNING_SINCE = "runningSince"
+"""When the current lease's handler started (ms); absent until it starts."""
 
 ITEM_LIMIT = 400 * 1024
 MAX_ID_BYTES = 1024

@@ -9,7 +9,9 @@ and they write the outcome back to DynamoDB under the lease the drain took.
 A worker child that dies mid-task (``SIGKILL``, out of memory, a hard time
 limit) runs none of these hooks in that child; Celery's main process then
 reports the loss, and the hooks ignore those reports. The lease deadline is
-what brings the event back, counted as a failed attempt.
+what brings the event back, counted as a failed attempt: ``before_start``
+marked the attempt as started. A message lost or delayed in the broker
+never started, and its event comes back without losing an attempt.
 
 Celery's own retries are the outbox's:
 
@@ -119,18 +121,18 @@ class HandlerTask(Task):  # type: ignore[misc]
         return Lease(event, str(token), deadline, 0)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """Skip an attempt whose lease expired while its message waited."""
+        """Start the attempt under its lease, or skip it if the lease is gone.
+
+        The start is a conditional write (:meth:`OutboxStore.begin`), not a
+        clock comparison: while the message waited, another drain may have
+        reclaimed the event, and running it here would run it twice, however
+        this worker's clock reads.
+        """
         lease = self.lease_of(args)
-        if (
-            lease is not None
-            and lease.deadline_ms
-            and (self.outbox.store.clock() > lease.deadline_ms)
-        ):
-            # Another drain may already have reclaimed the event; running it
-            # here could run it twice. The expired lease brings it back.
+        if lease is not None and self.outbox.store.begin(lease) is None:
             logger.warning(
-                "Skipped event %r (attempt %d): its lease expired before the "
-                "task started; the next drain reclaims it",
+                "Skipped event %r (attempt %d): while the message waited, its "
+                "lease was reclaimed or written back, or another copy started it",
                 lease.event.id,
                 lease.event.attempt,
             )

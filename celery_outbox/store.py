@@ -5,7 +5,8 @@
     emit ──> created ──claim──> active ──complete──> completed (or deleted)
                ^                  │  └──fail, retries left──> created (due later)
                │                  │  └──fail, none left─────> failed
-               │                  └──lease expired──> reclaimed (an attempt)
+               │                  └──lease expired──> reclaimed (an attempt
+               │                                        if its handler started)
                └───────────── retry (operator) <──── failed
 
 Each transition after emit is an ``UpdateItem`` or ``DeleteItem`` whose
@@ -164,19 +165,30 @@ class OutboxStore(Emits, TableSetup, Inspection):
         return ClaimResult(leases, skipped, exhausted)
 
     def _reclaim(self, item: dict[str, Any], now: int) -> Lease | Outcome | None:
-        """Take over an expired lease; its lost attempt counts as a failure.
+        """Take over an expired lease; a lost attempt counts as a failure.
 
-        The condition names the lease token and retry count the query saw,
-        so the retry count written is the seen one plus one, never a stale
-        index entry's.
+        The attempt was lost only if its handler started (see :meth:`begin`);
+        a lease whose message was lost or delayed in the broker is sent
+        again without using up a retry (:meth:`_redispatch`), or else a
+        broker backlog longer than the processing timeout would fail events
+        that never ran. The condition names the lease token, retry count and
+        start the query saw, so what is written never rests on a stale
+        index entry.
         """
         event_id = item[ev.ID]["S"]
         seen_retries = item.get(ev.RETRY_COUNT, {}).get("N")
         seen_token = item.get(ev.LEASE_TOKEN, {}).get("S")
+        # The TypeScript adapter marks an event active as its handler starts.
+        started = ev.RUNNING_SINCE in item or not seen_token
         values: dict[str, Any] = {":active": self.status_value(Status.ACTIVE, event_id)}
         conditions = ["#status = :active", "#sk <= :now"]
         if seen_token:
             conditions.append("#token = :seen")
+            conditions.append(
+                "attribute_exists(#running)"
+                if started
+                else "attribute_not_exists(#running)"
+            )
             values[":seen"] = {"S": seen_token}
         else:  # an event claimed by the TypeScript adapter has no token
             conditions.append("attribute_not_exists(#token)")
@@ -186,6 +198,8 @@ class OutboxStore(Emits, TableSetup, Inspection):
             conditions.append("#retry = :seen_retry")
             values[":seen_retry"] = {"N": seen_retries}
         condition = " AND ".join(conditions)
+        if seen_token and not started:
+            return self._redispatch(event_id, seen_token, now, condition, values)
         retries = int(seen_retries or 0) + 1
         lost = (
             f"LeaseExpired: attempt {retries} did not report back within "
@@ -226,6 +240,39 @@ class OutboxStore(Emits, TableSetup, Inspection):
         )
         return Outcome.FAILED
 
+    def _redispatch(
+        self,
+        event_id: str,
+        token: str,
+        now: int,
+        condition: str,
+        values: dict[str, Any],
+    ) -> Lease | None:
+        """Extend a lease whose handler never started, keeping its token.
+
+        Its message was lost or is still waiting in the broker. The lease is
+        sent again with a new deadline; whichever copy reaches a worker first
+        starts the attempt (:meth:`begin`) and the others are skipped, so a
+        backlog longer than the processing timeout delays events instead of
+        starving them, and costs no retry.
+        """
+        deadline = now + self.config.processing_timeout_ms
+        item = self._update(
+            event_id,
+            "SET #sk = :deadline, #started = :now",
+            condition,
+            {**values, ":deadline": {"N": str(deadline)}, ":now": {"N": str(now)}},
+            returns="ALL_NEW",
+        )
+        if item is None:
+            return None
+        logger.warning(
+            "Dispatching event %r again: its lease expired before its handler "
+            "started (the message was lost or is still waiting in the broker)",
+            event_id,
+        )
+        return Lease(Event.from_item(item), token, deadline, now)
+
     def _lease(
         self,
         event_id: str,
@@ -240,7 +287,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
         item = self._update(
             event_id,
             "SET #status = :lease, #sk = :deadline, #token = :token, "
-            "#started = :now" + extra_set,
+            "#started = :now" + extra_set + " REMOVE #running",
             condition,
             {
                 **values,
@@ -256,6 +303,35 @@ class OutboxStore(Emits, TableSetup, Inspection):
         return Lease(Event.from_item(item), token, deadline, now)
 
     # -- write-back ---------------------------------------------------------
+
+    def begin(self, lease: Lease) -> Lease | None:
+        """Mark that ``lease``'s handler starts now; None if it must not run.
+
+        The deadline restarts from now, so the handler has the whole
+        processing timeout however long its message waited, and from here a
+        reclaim counts the attempt as failed. None means the lease is no
+        longer live (the event was reclaimed or written back while the
+        message waited) or another copy of its message already started it:
+        nothing was written, and running the handler could run the event
+        twice.
+        """
+        lease = _check_lease(lease)
+        now = self.clock()
+        deadline = now + self.config.processing_timeout_ms
+        done = self._update(
+            lease.event.id,
+            "SET #sk = :deadline, #running = :now",
+            "#status = :active AND #token = :token AND attribute_not_exists(#running)",
+            {
+                ":active": self.status_value(Status.ACTIVE, lease.event.id),
+                ":token": {"S": lease.token},
+                ":deadline": {"N": str(deadline)},
+                ":now": {"N": str(now)},
+            },
+        )
+        if done is None:
+            return None
+        return Lease(lease.event, lease.token, deadline, lease.started_ms)
 
     def complete(self, lease: Lease) -> Outcome:
         """Record that ``lease``'s attempt succeeded.

@@ -320,7 +320,7 @@ class TestWriteBack:
         assert stored["lastError"]["S"] == "ConnectionError: ERP offline"
 
     def test_expired_lease_skips_the_handler(self, outbox: Outbox) -> None:
-        """A message that outlived its lease runs nothing and writes nothing."""
+        """A message whose lease was reclaimed while it waited runs nothing."""
         calls: list[str] = []
 
         @outbox.handler("order.created")
@@ -329,17 +329,22 @@ class TestWriteBack:
 
         outbox.emit("order.created")
         (lease,) = outbox.store.claim().leases
+        started = outbox.store.begin(lease)  # a worker started it, then died
+        assert started is not None
+        outbox.store.clock = lambda: started.deadline_ms  # the lease expired
+        (new,) = outbox.store.claim().leases
         handle.apply(
             args=[lease.event.as_dict()],
             headers={
                 handlers.HEADER_LEASE: lease.token,
-                handlers.HEADER_DEADLINE: outbox.store.clock() - 1,
+                handlers.HEADER_DEADLINE: lease.deadline_ms,
             },
         )
         assert calls == []
         stored = item(outbox, lease.event.id)
         assert stored["status"]["S"] == "active"
-        assert stored["leaseToken"]["S"] == lease.token
+        assert stored["leaseToken"]["S"] == new.token
+        assert "runningSince" not in stored
 
     def test_lost_worker_reports_write_nothing(self, outbox: Outbox) -> None:
         """Celery's report of a lost child leaves the event to its lease."""
@@ -369,7 +374,9 @@ class TestWriteBack:
 
         outbox.emit("order.created")
         (old,) = outbox.store.claim().leases
-        outbox.store.clock = lambda: old.deadline_ms + 1  # the lease expired
+        started = outbox.store.begin(old)  # its worker starts, then stalls
+        assert started is not None
+        outbox.store.clock = lambda: started.deadline_ms + 1  # the lease expired
         (new,) = outbox.store.claim().leases
         handle.apply(
             args=[old.event.as_dict()],

@@ -151,6 +151,7 @@ class TestWriteBack:
         clock = on_clock(store)
         store.publish([Event.new("a.b")])
         old = claim_one(store)
+        assert store.begin(old) is not None  # its worker starts, then stalls
         clock.advance(1000)
         new = claim_one(store)
         assert new.token != old.token
@@ -261,6 +262,7 @@ class TestPoisonCap:
         store.publish([Event.new("poison")])
         first = claim_one(store)
         assert first.retry_count == 0
+        assert store.begin(first) is not None  # its handler starts, then dies
         clock.advance(999)
         assert store.claim().leases == []  # the lease still holds
         for expected in (1, 2):
@@ -268,6 +270,7 @@ class TestPoisonCap:
             lease = claim_one(store)
             assert lease.retry_count == expected
             assert lease.event.attempt == expected + 1
+            assert store.begin(lease) is not None
             clock.advance(999)
         clock.advance(1)
         result = store.claim()
@@ -285,10 +288,23 @@ class TestPoisonCap:
         clock = on_clock(store)
         store.publish([Event.new("poison")])
         store.fail(claim_one(store), "boom", delay_ms=0)
-        claim_one(store)  # attempt 2, its worker dies
+        store.begin(claim_one(store))  # attempt 2 starts, its worker dies
         clock.advance(1000)
         assert store.claim().exhausted == 1
         assert store.stats().counts[Status.FAILED] == 1
+
+    def test_unstarted_lease_costs_no_attempt(self, store_factory: Factory) -> None:
+        """A lease whose handler never started is sent again without a retry."""
+        store = store_factory(max_retries=0, processing_timeout_ms=1000)
+        clock = on_clock(store)
+        store.publish([Event.new("queued")])
+        first = claim_one(store)  # its message waits in the broker
+        clock.advance(1000)
+        again = claim_one(store)
+        assert again.event.attempt == 1 and again.token == first.token
+        assert again.deadline_ms == clock.now + 1000
+        assert store.begin(first) is not None  # the first copy to arrive runs
+        assert store.begin(again) is None  # the other one must not
 
     def test_expired_leases_go_first(self, store_factory: Factory) -> None:
         """A lost worker's event is reclaimed before newer due events."""

@@ -1,0 +1,290 @@
+"""Figures of a chaos run, from the processes' records and the final table.
+
+:func:`analyse` answers the run's questions: was any event lost, is anything
+still pending, and why did any handler run more than once. A handler that
+runs again after a *planned* failure is a retry, not a duplicate. Any other
+repeat is a duplicate, and must be explained by an interrupted attempt:
+
+* ``killed mid-task``: the earlier attempt's process was SIGKILLed before
+  the handler returned;
+* ``killed before write-back``: it was killed after the handler returned,
+  before the outcome reached DynamoDB;
+* ``write-back failed``: the outcome could not be written (DynamoDB errors
+  outlasted the retries);
+* ``lease expired before write-back``: the outcome arrived after the lease
+  had expired and the event had been reclaimed, so the write-back was stale
+  (a no-op).
+
+A repeat that is none of these is ``unexplained``, and so is a second run
+that started while the first attempt's lease was still live (``overlaps``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Invocation", "analyse", "invocations"]
+
+PENDING = ("created", "active")
+
+
+@dataclass
+class Invocation:
+    """One run of a handler body, and what became of it."""
+
+    event_id: str
+    token: str | None
+    attempt: int
+    pid: int
+    started: int
+    began: int | None
+    """When the worker was about to mark the attempt started (renewing the
+    lease for the processing timeout), if recorded."""
+    ended: int | None = None
+    ok: bool | None = None
+    written: int | None = None
+    """When the write-back returned (successfully), if it did."""
+    outcome: str | None = None
+    """What the write-back did: completed, retrying, failed or stale."""
+    write_error: str | None = None
+    kind: str = field(default="first")
+    """``first``, ``retry`` (after a planned failure) or ``duplicate``."""
+    reason: str | None = None
+    """Why a duplicate happened (see the module docstring)."""
+
+
+def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]]:
+    """Every handler run per event id, in the order they started."""
+    runs: dict[str, list[Invocation]] = defaultdict(list)
+    by_token: dict[tuple[str | None, int], list[Invocation]] = defaultdict(list)
+    later: list[dict[str, Any]] = []
+    began: dict[tuple[str | None, int], int] = {}
+    for rec in records:
+        if rec["k"] == "begin":
+            # A process records its begin, then its start, in that order.
+            began[(rec.get("token"), int(rec["pid"]))] = int(rec["t"])
+        elif rec["k"] == "start":
+            run = Invocation(
+                rec["id"],
+                rec.get("token"),
+                int(rec.get("attempt", 1)),
+                int(rec["pid"]),
+                int(rec["t"]),
+                began.get((rec.get("token"), int(rec["pid"]))),
+            )
+            runs[run.event_id].append(run)
+            by_token[(run.token, run.pid)].append(run)
+        elif rec["k"] in ("end", "wb"):
+            later.append(rec)
+    for rec in later:
+        # ``end`` and ``wb`` come from the process that ran the body.
+        matches = by_token.get((rec.get("token"), int(rec["pid"])), [])
+        if rec["k"] == "end":
+            run = next((r for r in matches if r.ended is None), None)
+            if run is not None:
+                run.ended, run.ok = int(rec["t"]), bool(rec["ok"])
+            continue
+        run = next(
+            (
+                r
+                for r in matches
+                if r.ended is not None and r.written is None and r.write_error is None
+            ),
+            None,
+        )
+        if run is None:
+            continue
+        if "error" in rec:
+            run.write_error = str(rec["error"])
+        else:
+            run.written, run.outcome = int(rec["t"]), rec.get("outcome")
+    for event_runs in runs.values():
+        event_runs.sort(key=lambda r: (r.started, r.attempt))
+    return dict(runs)
+
+
+def _classify(
+    earlier: Invocation, run: Invocation, killed: set[int], live_ms: int
+) -> tuple[str, bool]:
+    """Why ``run`` repeated ``earlier``, and whether their leases overlapped.
+
+    ``earlier``'s lease was live for at least ``live_ms`` after it began, as
+    the fastest clock sees it; a run of the event starting within that time,
+    before ``earlier`` wrote back, started under a second live lease.
+    """
+    overlap = bool(
+        earlier.began is not None
+        and run.started < earlier.began + live_ms
+        and (earlier.written is None or earlier.written > run.started)
+    )
+    if earlier.token == run.token:
+        return "unexplained: the same lease ran twice", overlap
+    if earlier.ended is None:
+        if earlier.pid in killed:
+            return "killed mid-task", overlap
+        return "unexplained: the attempt vanished mid-task", overlap
+    if earlier.write_error is not None:
+        return "write-back failed", overlap
+    if earlier.written is None:
+        if earlier.pid in killed:
+            return "killed before write-back", overlap
+        return "unexplained: no write-back and no kill", overlap
+    if earlier.outcome == "stale":
+        # The store found another lease in place: the event was reclaimed.
+        return "lease expired before write-back", overlap
+    return f"unexplained: a live write-back ({earlier.outcome}) came first", overlap
+
+
+def analyse(
+    records: list[dict[str, Any]],
+    table: dict[str, dict[str, Any]],
+    orders: set[str],
+    *,
+    skew_ms: int,
+    timeout_ms: int,
+) -> dict[str, Any]:
+    """The run's figures; ``problems`` lists every broken promise.
+
+    Args:
+        records: every process's records (see :mod:`chaos.record`).
+        table: the outbox table at the end, typed items by id.
+        orders: the ids of the business items the emitter's transactions
+            wrote beside their events.
+        skew_ms: how far the skewed drainer's clock runs ahead.
+        timeout_ms: the processing timeout (the length of a lease).
+    """
+    emitted: dict[str, str] = {}
+    ordered: set[str] = set()
+    errored: list[str] = []
+    faults: Counter[str] = Counter()
+    killed: set[int] = set()
+    kills = restarts = skips = 0
+    drains: Counter[str] = Counter()
+    for rec in records:
+        kind = rec["k"]
+        if kind == "emit":
+            emitted.update(zip(rec["ids"], rec["types"], strict=True))
+            if rec.get("mode") == "order":
+                ordered.update(rec["ids"])
+        elif kind == "emit-error":
+            errored.extend(rec["ids"])
+        elif kind == "fault":
+            faults[rec["kind"]] += 1
+        elif kind == "kill":
+            killed.add(int(rec["victim"]))
+            kills += 1
+        elif kind == "redis-restart":
+            restarts += 1
+        elif kind == "skip":
+            skips += 1
+        elif kind == "drain":
+            drains[f"drains ({rec['by']})"] += 1
+            for name in ("claimed", "skipped", "released", "failed"):
+                drains[name] += int(rec.get(name, 0))
+    # An emit that raised may still have been written (its reply was lost);
+    # such an event is one the application will see again, not a lost one.
+    stored_anyway = [i for i in errored if i in table]
+    expected = set(emitted) | set(stored_anyway)
+
+    status: Counter[str] = Counter()
+    failed_by: Counter[str] = Counter()
+    for event_id in expected:
+        item = table.get(event_id)
+        state = "missing" if item is None else item["status"]["S"]
+        status[state] += 1
+        if state == "failed":
+            error = item["lastError"]["S"] if item else ""
+            failed_by[error.split(":", 1)[0] or "?"] += 1
+
+    runs = invocations(records)
+    reasons: Counter[str] = Counter()
+    overlaps = duplicates = 0
+    handled = set()
+    # A drainer whose clock runs ahead sees every lease end that much early.
+    live_ms = timeout_ms - max(skew_ms, 0)
+    for event_id, event_runs in runs.items():
+        for i, run in enumerate(event_runs):
+            if run.ok:
+                handled.add(event_id)
+            if i == 0:
+                continue
+            earlier = event_runs[i - 1]
+            if earlier.ok is False:
+                run.kind = "retry"
+                continue
+            run.kind = "duplicate"
+            duplicates += 1
+            run.reason, overlap = _classify(earlier, run, killed, live_ms)
+            reasons[run.reason] += 1
+            overlaps += overlap
+
+    completed_unhandled = sorted(
+        i
+        for i in expected
+        if table.get(i, {}).get("status", {}).get("S") == "completed"
+        and i not in handled
+    )
+    # Only a started attempt counts against the retries, so an event can
+    # end failed only after its handler ran at least once.
+    failed_unrun = sorted(
+        i
+        for i in expected
+        if table.get(i, {}).get("status", {}).get("S") == "failed" and i not in runs
+    )
+    missing = sorted(i for i in expected if i not in table)
+    lost = len(missing) + len(completed_unhandled)
+    order_events = {o.removeprefix("order-") for o in orders}
+    torn = sorted(ordered ^ (order_events & expected))
+
+    unexplained = sum(n for r, n in reasons.items() if r.startswith("unexplained"))
+    pending = sum(status[s] for s in PENDING)
+    problems = []
+    if lost:
+        problems.append(
+            f"{lost} events lost: missing {missing[:5]}, completed "
+            f"without a successful handler run {completed_unhandled[:5]}"
+        )
+    if pending:
+        problems.append(f"{pending} events still pending at the end")
+    if unexplained:
+        problems.append(f"{unexplained} duplicate invocations unexplained")
+    if overlaps:
+        problems.append(f"{overlaps} invocations started under a second live lease")
+    if failed_unrun:
+        problems.append(
+            f"{len(failed_unrun)} events failed without their handler ever "
+            f"running: {failed_unrun[:5]}"
+        )
+    if torn:
+        problems.append(f"{len(torn)} order transactions half-written: {torn[:5]}")
+    poison = sum(1 for t in emitted.values() if t == "chaos.poison")
+    return {
+        "emitted": len(emitted),
+        "emit_errors": len(errored),
+        "emit_errors_stored_anyway": len(stored_anyway),
+        "completed": status["completed"],
+        "failed": status["failed"],
+        "failed_by_error": dict(failed_by),
+        "failed_without_running": len(failed_unrun),
+        "poison_events": poison,
+        "pending": pending,
+        "lost": lost,
+        "invocations": sum(len(r) for r in runs.values()),
+        "retries_after_planned_failure": sum(
+            1 for rs in runs.values() for r in rs if r.kind == "retry"
+        ),
+        "duplicate_invocations": duplicates,
+        "duplicates_by_reason": dict(reasons),
+        "unexplained_duplicates": unexplained,
+        "overlapping_leases": overlaps,
+        "skipped_messages": skips,
+        "faults": {k: faults[k] for k in sorted(faults)},
+        "worker_children_killed": kills,
+        "redis_restarts": restarts,
+        "drains": dict(drains),
+        "orders": len(orders),
+        "problems": problems,
+    }
