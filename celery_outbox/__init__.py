@@ -6,7 +6,7 @@ outcomes are written back with conditional updates.
 """
 
 from celery_outbox.collector import Transaction, collecting
-from celery_outbox.config import Completion, OutboxConfig
+from celery_outbox.config import Completion, OutboxConfig, WriteMode
 from celery_outbox.errors import (
     ArgumentError,
     CollectorError,
@@ -73,5 +73,6 @@ __all__ = [
     "TransactionCancelledError",
     "TransactionTooLargeError",
     "UnprocessedItemsError",
+    "WriteMode",
     "collecting",
 ]

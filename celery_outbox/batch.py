@@ -36,6 +36,7 @@ _S, _N = "S", "N"
 ID, STATUS, SK = quote(ev.ID), quote(ev.STATUS), quote(ev.SORT_KEY)
 TOKEN, RETRY = quote(ev.LEASE_TOKEN), quote(ev.RETRY_COUNT)
 STARTED, ERROR = quote(ev.STARTED_ON), quote(ev.LAST_ERROR)
+RUNNING = quote(ev.RUNNING_SINCE)
 
 
 def _s(value: str) -> dict[str, Any]:
@@ -153,7 +154,7 @@ class BatchStore:
         """
         now = self.store.clock() if now is None else now
         deadline = now + self.config.processing_timeout_ms
-        planned: list[tuple[Statement, dict[str, Any], str]] = []
+        planned: list[tuple[Statement, dict[str, Any], str, str]] = []
         seen: set[str] = set()
         candidates = [(i, True) for i in expired] + [(i, False) for i in items]
         for item, is_expired in candidates:
@@ -163,27 +164,48 @@ class BatchStore:
             seen.add(event_id)
             token = uuid.uuid4().hex
             if is_expired:
-                statement, after = self._reclaim(item, now, deadline, token)
+                planned.append(self._reclaim(item, now, deadline, token))
             else:
-                statement, after = self._claim(item, now, deadline, token), item
-            planned.append((statement, after, token))
+                statement = self._claim(item, now, deadline, token)
+                planned.append((statement, item, token, "claim"))
         results = self._execute([p[0] for p in planned]) if planned else []
         leases: list[Lease] = []
         skipped = exhausted = 0
-        for (_statement, item, token), result in zip(planned, results, strict=True):
+        for (_, item, token, kind), result in zip(planned, results, strict=True):
             if result != partiql.OK:
                 skipped += 1
-            elif item[ev.STATUS][_S] == Status.FAILED.value:
+                continue
+            self._log_won(kind, item)
+            if kind == "fail":
                 exhausted += 1
-                logger.warning(
-                    "Event %r (%s) failed: lease expired on its last attempt (%s)",
-                    item[ev.ID][_S],
-                    item.get(ev.TYPE, {}).get(_S),
-                    item[ev.RETRY_COUNT][_N],
-                )
             else:
                 leases.append(Lease(Event.from_item(item), token, deadline, now))
         return ClaimResult(leases, skipped, exhausted)
+
+    @staticmethod
+    def _log_won(kind: str, item: dict[str, Any]) -> None:
+        event_id, retries = item[ev.ID][_S], item.get(ev.RETRY_COUNT, {}).get(_N)
+        if kind == "fail":
+            logger.warning(
+                "Event %r (%s) failed: the lease of its last attempt (%s) expired",
+                event_id,
+                item.get(ev.TYPE, {}).get(_S),
+                retries,
+            )
+        elif kind == "reclaim":
+            logger.warning(
+                "Reclaimed event %r: its lease expired, so attempt %s counts "
+                "as failed; running it again",
+                event_id,
+                retries,
+            )
+        elif kind == "redispatch":
+            logger.warning(
+                "Dispatching event %r again: its lease expired before its "
+                "handler started (the message was lost or is still waiting in "
+                "the broker)",
+                event_id,
+            )
 
     @property
     def expired_check_ms(self) -> int:
@@ -205,8 +227,8 @@ class BatchStore:
         retry, retry_values = self._retry_condition(item)
         return Statement(
             f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
-            f"SET {STARTED} = ? WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? "
-            f"AND {retry}",
+            f"SET {STARTED} = ? REMOVE {RUNNING} WHERE {ID} = ? AND {STATUS} = ? "
+            f"AND {SK} <= ? AND {retry}",
             (
                 _s(self.keys.value(Status.ACTIVE, event_id)),
                 _n(deadline),
@@ -222,22 +244,25 @@ class BatchStore:
 
     def _reclaim(
         self, item: dict[str, Any], now: int, deadline: int, token: str
-    ) -> tuple[Statement, dict[str, Any]]:
-        """Take over an expired lease, or fail the event if that was its last try.
+    ) -> tuple[Statement, dict[str, Any], str, str]:
+        """Take over an expired lease, as :meth:`OutboxStore.claim` does.
 
-        Returns the statement and the item as it will be if it succeeds.
+        A lease whose handler never started (no ``runningSince``) is sent
+        again under its token without using up a retry; a started one counts
+        as a failed attempt, and fails the event when it was the last.
+        Returns the statement, the item as it will be if it succeeds, the
+        lease token and what it does: ``redispatch``, ``reclaim`` or ``fail``.
         """
         event_id = item[ev.ID][_S]
-        retries = int(item.get(ev.RETRY_COUNT, {_N: "0"})[_N]) + 1
-        lost = self.store.short_error(
-            f"LeaseExpired: attempt {retries} did not report back within "
-            f"{self.config.processing_timeout_ms} ms; its worker was probably lost"
-        )
         seen = item.get(ev.LEASE_TOKEN, {}).get(_S)
+        # The TypeScript adapter marks an event active as its handler starts.
+        started = ev.RUNNING_SINCE in item or not seen
         retry, retry_values = self._retry_condition(item)
-        where = f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND " + (
-            f"{TOKEN} = ?" if seen else f"{TOKEN} IS MISSING"
-        )
+        where = f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND "
+        if seen:
+            where += f"{TOKEN} = ? AND {RUNNING} IS {'NOT ' if started else ''}MISSING"
+        else:
+            where += f"{TOKEN} IS MISSING"
         where_values = (
             _s(event_id),
             _s(self.keys.value(Status.ACTIVE, event_id)),
@@ -245,48 +270,85 @@ class BatchStore:
             *retry_values,
             *([_s(seen)] if seen else []),
         )
+        if seen and not started:
+            after = {**item, ev.SORT_KEY: _n(deadline), ev.STARTED_ON: _n(now)}
+            text = f"UPDATE {self.table} SET {SK} = ? SET {STARTED} = ? {where}"
+            values = (_n(deadline), _n(now), *where_values)
+            return Statement(text, values, event_id), after, seen, "redispatch"
+        retries = int(item.get(ev.RETRY_COUNT, {_N: "0"})[_N]) + 1
+        lost = self.store.short_error(
+            f"LeaseExpired: attempt {retries} did not report back within "
+            f"{self.config.processing_timeout_ms} ms; its worker was probably lost"
+        )
         if retries > self.config.max_retries:
             after = {
                 **item,
                 ev.STATUS: _s(Status.FAILED.value),
-                ev.SORT_KEY: _n(now),
                 ev.RETRY_COUNT: _n(retries),
-                ev.LAST_ERROR: _s(lost),
             }
-            return Statement(
+            text = (
                 f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {RETRY} = ? "
-                f"SET {ERROR} = ? REMOVE {TOKEN} {where}",
-                (
-                    _s(Status.FAILED.value),
-                    _n(now),
-                    _n(retries),
-                    _s(lost),
-                    *where_values,
-                ),
-                event_id,
-            ), after
-        logger.warning(
-            "Reclaiming event %r: its lease expired (attempt %d lost)",
-            event_id,
-            retries,
-        )
-        after = {**item, ev.RETRY_COUNT: _n(retries), ev.LAST_ERROR: _s(lost)}
-        return Statement(
-            f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
-            f"SET {STARTED} = ? SET {RETRY} = ? SET {ERROR} = ? {where}",
-            (
-                _s(self.keys.value(Status.ACTIVE, event_id)),
-                _n(deadline),
-                _s(token),
+                f"SET {ERROR} = ? REMOVE {TOKEN} {where}"
+            )
+            values = (
+                _s(Status.FAILED.value),
                 _n(now),
                 _n(retries),
                 _s(lost),
                 *where_values,
-            ),
-            event_id,
-        ), after
+            )
+            return Statement(text, values, event_id), after, token, "fail"
+        after = {**item, ev.RETRY_COUNT: _n(retries), ev.LAST_ERROR: _s(lost)}
+        text = (
+            f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
+            f"SET {STARTED} = ? SET {RETRY} = ? SET {ERROR} = ? REMOVE {RUNNING} "
+            f"{where}"
+        )
+        values = (
+            _s(self.keys.value(Status.ACTIVE, event_id)),
+            _n(deadline),
+            _s(token),
+            _n(now),
+            _n(retries),
+            _s(lost),
+            *where_values,
+        )
+        return Statement(text, values, event_id), after, token, "reclaim"
 
     # -- write-back -----------------------------------------------------------
+
+    def begin(
+        self, lease: Lease, *, completing: Sequence[Lease] = ()
+    ) -> tuple[Lease | None, list[Outcome]]:
+        """Start ``lease``'s attempt, completing other leases in the same request.
+
+        The start is :meth:`OutboxStore.begin`'s conditional write as a
+        statement: it restarts the deadline and sets ``runningSince``, only
+        while the lease is live and not started by another copy. Completions
+        waiting in the worker ride along, so under load they cost no request
+        of their own. Returns the started lease (None: do not run it) and the
+        completions' outcomes.
+        """
+        now = self.store.clock()
+        deadline = now + self.config.processing_timeout_ms
+        event_id = lease.event.id
+        start = Statement(
+            f"UPDATE {self.table} SET {SK} = ? SET {RUNNING} = ? "
+            f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ? AND {RUNNING} IS MISSING",
+            (
+                _n(deadline),
+                _n(now),
+                _s(event_id),
+                _s(self.keys.value(Status.ACTIVE, event_id)),
+                _s(lease.token),
+            ),
+            event_id,
+        )
+        results = self._execute([start, *(self._complete(c) for c in completing)])
+        started = None
+        if results[0] == partiql.OK:
+            started = Lease(lease.event, lease.token, deadline, lease.started_ms)
+        return started, self._outcomes(completing, results[1:])
 
     def complete(self, leases: Sequence[Lease]) -> list[Outcome]:
         """Complete each lease's event; a stale lease is a no-op (``STALE``).
@@ -297,6 +359,10 @@ class BatchStore:
         if not leases:
             return []
         results = self._execute([self._complete(lease) for lease in leases])
+        return self._outcomes(leases, results)
+
+    @staticmethod
+    def _outcomes(leases: Sequence[Lease], results: Sequence[str]) -> list[Outcome]:
         outcomes = []
         for lease, result in zip(leases, results, strict=True):
             if result == partiql.OK:

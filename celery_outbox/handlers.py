@@ -129,7 +129,8 @@ class HandlerTask(Task):  # type: ignore[misc]
         this worker's clock reads.
         """
         lease = self.lease_of(args)
-        if lease is not None and self.outbox.store.begin(lease) is None:
+        # by write_mode: in partiql, buffered completions ride along (writeback.py)
+        if lease is not None and self.outbox.writer.begin(lease) is None:
             logger.warning(
                 "Skipped event %r (attempt %d): while the message waited, its "
                 "lease was reclaimed or written back, or another copy started it",

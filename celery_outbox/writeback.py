@@ -10,6 +10,9 @@ A buffered completion is safe to lose: if the process dies before the flush,
 the lease deadline brings the event back, as for any worker lost mid-task
 (its handler then runs again: the outbox delivers at least once). Buffers
 are flushed when a worker process or the worker shuts down, and at exit.
+A handler's start (:meth:`OutboxStore.begin`) must be written before it
+runs; in ``partiql`` mode the completions waiting in the process ride in
+the same request, so under load completions cost no request of their own.
 Failures, retries and releases are rare and written at once, item by item,
 so their outcome is known (and logged) where they happen.
 """
@@ -47,6 +50,7 @@ _CLAIM_NAMES = {
     "#token": ev.LEASE_TOKEN,
     "#started": ev.STARTED_ON,
     "#retry": ev.RETRY_COUNT,
+    "#running": ev.RUNNING_SINCE,
 }
 
 
@@ -60,6 +64,9 @@ class Writer(Protocol):
 
     def claim_items(self, items: list[dict[str, Any]]) -> ClaimResult:
         """Lease these fresh items, as an emit wrote them (nudged drains)."""
+
+    def begin(self, lease: Lease) -> Lease | None:
+        """Start ``lease``'s attempt; None when the handler must not run."""
 
     def complete(self, lease: Lease) -> Outcome | None:
         """Complete ``lease``'s event; None when the write is buffered."""
@@ -112,7 +119,7 @@ class ItemWriter:
                 TableName=store.table,
                 Key={ev.ID: item[ev.ID]},
                 UpdateExpression="SET #status = :active, #sk = :deadline, "
-                "#token = :token, #started = :now",
+                "#token = :token, #started = :now REMOVE #running",
                 ConditionExpression=f"#status = :created AND #sk <= :now AND {retry}",
                 ExpressionAttributeNames=_CLAIM_NAMES,
                 ExpressionAttributeValues=values,
@@ -125,6 +132,10 @@ class ItemWriter:
                 f"DynamoDB claim on {store.table!r} failed: {exc}", code
             ) from exc
         return Lease(Event.from_item(item), token, deadline, now)
+
+    def begin(self, lease: Lease) -> Lease | None:
+        """The store's start of an attempt."""
+        return self.store.begin(lease)
 
     def complete(self, lease: Lease) -> Outcome:
         """The store's completion, written now."""
@@ -179,6 +190,21 @@ class CompletionBuffer:
                 )
                 self._thread.start()
             if len(self._pending) in (1, BATCH_LIMIT):
+                self._cond.notify_all()
+
+    def take(self, limit: int) -> list[Lease]:
+        """Up to ``limit`` pending completions, for the caller to write."""
+        with self._cond:
+            taken = self._pending[:limit]
+            del self._pending[:limit]
+        return [lease for _, lease in taken]
+
+    def put_back(self, leases: list[Lease]) -> None:
+        """Return completions a caller took but could not write."""
+        with self._cond:
+            now = time.monotonic()
+            self._pending[:0] = [(now, lease) for lease in leases]
+            if leases:
                 self._cond.notify_all()
 
     def _run(self) -> None:
@@ -245,6 +271,16 @@ class BatchWriter:
     def claim_items(self, items: list[dict[str, Any]]) -> ClaimResult:
         """Claim these fresh items, 25 to a request, without a query."""
         return self.batches.claim_items(items)
+
+    def begin(self, lease: Lease) -> Lease | None:
+        """Start the attempt; buffered completions ride in the same request."""
+        riders = self.buffer.take(BATCH_LIMIT - 1)
+        try:
+            started, _ = self.batches.begin(lease, completing=riders)
+        except BaseException:
+            self.buffer.put_back(riders)
+            raise
+        return started
 
     def complete(self, lease: Lease) -> None:
         """Buffer the completion; the flusher writes it within the interval."""

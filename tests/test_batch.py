@@ -131,23 +131,49 @@ def test_claim_refuses_a_stale_retry_count(make: Any) -> None:
     assert again.event.attempt == 2
 
 
-def test_expired_leases_are_reclaimed_then_failed(make: Any) -> None:
-    """An expired lease is reclaimed as a lost attempt, and fails when none are left."""
+def test_expired_leases_are_redispatched_reclaimed_then_failed(make: Any) -> None:
+    """An unstarted expired lease is sent again under its token; a started one
+    counts as an attempt, and fails the event when none are left."""
     clock = Clock()
     store, batches = make(clock=clock, max_retries=1, processing_timeout_ms=1000)
     (event,) = publish(store, 1)
     first = batches.claim().leases[0]
+    clock.now += 5000
+    (again,) = batches.claim().leases  # its message never started
+    assert again.token == first.token and again.event.attempt == 1
+    started, _ = batches.begin(again)
+    assert started is not None
     clock.now += 5000
     (second,) = batches.claim().leases
     assert second.event.id == event.id and second.event.attempt == 2
     assert second.token != first.token
     item = store.get_item(event.id)
     assert item is not None and "LeaseExpired" in item[ev.LAST_ERROR]["S"]
+    assert ev.RUNNING_SINCE not in item
     assert batches.complete([first]) == [Outcome.STALE]
+    assert batches.begin(second)[0] is not None
     clock.now += 5000
     result = batches.claim()
     assert result.leases == [] and result.exhausted == 1
     assert store.status_of(event.id) is Status.FAILED
+
+
+def test_begin_starts_once_and_carries_completions(make: Any) -> None:
+    """A start is one conditional statement; waiting completions ride along."""
+    store, batches = make()
+    publish(store, 4)
+    first, *others = batches.claim().leases
+    store.fail(others[0], "moved on")  # a stale completion among the riders
+    counts = count_requests(store)
+    started, outcomes = batches.begin(first, completing=others)
+    assert counts == {"BatchExecuteStatement": 1}
+    assert started is not None and started.token == first.token
+    assert outcomes == [Outcome.STALE, Outcome.COMPLETED, Outcome.COMPLETED]
+    item = store.get_item(first.event.id)
+    assert item is not None and ev.RUNNING_SINCE in item
+    assert item[ev.SORT_KEY]["N"] == str(started.deadline_ms)
+    assert batches.begin(first) == (None, [])  # a second copy must not run
+    assert store.get_item(others[1].event.id) is None
 
 
 def test_a_stale_lease_in_a_batch_is_a_no_op(make: Any) -> None:
@@ -239,3 +265,21 @@ def test_the_flusher_writes_without_being_asked(make: Any) -> None:
     while any(store.get_item(lease.event.id) for lease in leases):
         assert time.monotonic() < deadline, "the flusher never wrote"
         time.sleep(0.02)
+
+
+def test_the_writer_sends_buffered_completions_with_the_next_start(
+    make: Any,
+) -> None:
+    """Completions waiting in the worker are written by the next start's request."""
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 4)
+    *done, nxt = writer.claim().leases
+    for lease in done:
+        writer.complete(lease)
+    counts = count_requests(store)
+    assert writer.begin(nxt) is not None
+    assert counts == {"BatchExecuteStatement": 1}
+    assert all(store.get_item(lease.event.id) is None for lease in done)
+    writer.flush()
+    assert counts["BatchExecuteStatement"] == 1  # nothing was left to flush
