@@ -115,6 +115,17 @@ def install() -> RequestCounter:
     return COUNTER
 
 
+def uninstall() -> None:
+    """Remove the hooks again (a test process that imported the app)."""
+    global _installed
+    if _installed and boto3.DEFAULT_SESSION is not None:
+        events = boto3.DEFAULT_SESSION.events
+        events.unregister("provide-client-params.dynamodb", COUNTER.ask_capacity)
+        events.unregister("before-send.dynamodb", COUNTER.count_send)
+        events.unregister("after-call.dynamodb", COUNTER.read_capacity)
+    _installed = False
+
+
 class RedisReporter:
     """Flush a process's counts to a Redis hash every ``interval_s``.
 

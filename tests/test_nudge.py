@@ -297,7 +297,14 @@ def worker(
         done = lambda: int(conn.get(f"{key}:done") or 0)  # noqa: E731
         return app, outbox, done
 
-    yield start
+    try:
+        yield start
+    finally:
+        # Importing benchmarks.app hooks boto3's default session to count
+        # requests; leave no hook behind for the tests that follow.
+        from benchmarks import counting
+
+        counting.uninstall()
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
         try:

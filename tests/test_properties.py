@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from collections import Counter
 from typing import Any, ClassVar
@@ -53,7 +54,9 @@ from celery_outbox.store import make_client
 
 TIMEOUT_MS = 1000
 ACTORS = 3
-START_MS = 1_700_000_000_000
+# Real time, not a fixed date: kept completed events get a TTL from this
+# clock, and DynamoDB Local's TTL sweeper deletes items whose TTL is past.
+START_MS = int(time.time() * 1000)
 PENDING = (Status.CREATED.value, Status.ACTIVE.value, Status.FAILED.value)
 
 SEEN: Counter[str] = Counter()
