@@ -179,7 +179,9 @@ class BatchStore:
             if kind == "fail":
                 exhausted += 1
             else:
-                leases.append(Lease(Event.from_item(item), token, deadline, now))
+                event = Event.from_item(item)
+                resent = kind == "redispatch"
+                leases.append(Lease(event, token, deadline, now, resent=resent))
         return ClaimResult(leases, skipped, exhausted)
 
     @staticmethod
@@ -318,21 +320,60 @@ class BatchStore:
     # -- write-back -----------------------------------------------------------
 
     def begin(
-        self, lease: Lease, *, completing: Sequence[Lease] = ()
+        self,
+        lease: Lease,
+        *,
+        completing: Sequence[Lease] = (),
+        starting: Sequence[Lease] = (),
     ) -> tuple[Lease | None, list[Outcome]]:
-        """Start ``lease``'s attempt, completing other leases in the same request.
+        """Start ``lease``'s attempt; other write-backs ride in the same request.
 
         The start is :meth:`OutboxStore.begin`'s conditional write as a
         statement: it restarts the deadline and sets ``runningSince``, only
-        while the lease is live and not started by another copy. Completions
-        waiting in the worker ride along, so under load they cost no request
-        of their own. Returns the started lease (None: do not run it) and the
+        while the lease is live and not started by another copy. Deferred
+        starts (``starting``) and completions (``completing``) waiting in
+        the worker ride along, so under load they cost no request of their
+        own. Returns the started lease (None: do not run it) and the
         completions' outcomes.
         """
         now = self.store.clock()
         deadline = now + self.config.processing_timeout_ms
+        started, _, outcomes = self.write_back([lease, *starting], completing, now=now)
+        lease_started = None
+        if started[0]:
+            lease_started = Lease(lease.event, lease.token, deadline, lease.started_ms)
+        return lease_started, outcomes
+
+    def write_back(
+        self,
+        starting: Sequence[Lease],
+        completing: Sequence[Lease],
+        *,
+        now: int | None = None,
+    ) -> tuple[list[bool], list[Lease], list[Outcome]]:
+        """Start and complete leases in one request (at most 25 in all).
+
+        Returns whether each start was written, the leases whose start
+        found the lease gone or already started, and the completions'
+        outcomes.
+        """
+        if len(starting) + len(completing) > partiql.BATCH_LIMIT:
+            raise ValueError(f"at most {partiql.BATCH_LIMIT} write-backs a request")
+        if not starting and not completing:
+            return [], [], []
+        now = self.store.clock() if now is None else now
+        deadline = now + self.config.processing_timeout_ms
+        statements = [self._start(lease, now, deadline) for lease in starting]
+        statements += [self._complete(lease) for lease in completing]
+        results = self._execute(statements)
+        started = [result == partiql.OK for result in results[: len(starting)]]
+        missed = [lease for lease, ok in zip(starting, started, strict=True) if not ok]
+        outcomes = self._outcomes(completing, results[len(starting) :])
+        return started, missed, outcomes
+
+    def _start(self, lease: Lease, now: int, deadline: int) -> Statement:
         event_id = lease.event.id
-        start = Statement(
+        return Statement(
             f"UPDATE {self.table} SET {SK} = ? SET {RUNNING} = ? "
             f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ? AND {RUNNING} IS MISSING",
             (
@@ -344,11 +385,6 @@ class BatchStore:
             ),
             event_id,
         )
-        results = self._execute([start, *(self._complete(c) for c in completing)])
-        started = None
-        if results[0] == partiql.OK:
-            started = Lease(lease.event, lease.token, deadline, lease.started_ms)
-        return started, self._outcomes(completing, results[1:])
 
     def complete(self, leases: Sequence[Lease]) -> list[Outcome]:
         """Complete each lease's event; a stale lease is a no-op (``STALE``).

@@ -229,13 +229,17 @@ class Lease:
     """A claimed event: the right to run it until ``deadline_ms``.
 
     Write-backs name ``token``; one from a lease that has since been
-    reclaimed matches nothing and changes nothing.
+    reclaimed matches nothing and changes nothing. ``resent`` marks a lease
+    sent again because its handler never started: an earlier copy of its
+    message may still be waiting in the broker, so whichever copy runs must
+    first win the conditional start.
     """
 
     event: Event
     token: str
     deadline_ms: int
     started_ms: int
+    resent: bool = False
 
     @property
     def retry_count(self) -> int:

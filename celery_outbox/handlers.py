@@ -7,11 +7,22 @@ claimed event; Celery runs the task's ``on_success``, ``on_retry`` and
 and they write the outcome back to DynamoDB under the lease the drain took.
 
 A worker child that dies mid-task (``SIGKILL``, out of memory, a hard time
-limit) runs none of these hooks in that child; Celery's main process then
-reports the loss, and the hooks ignore those reports. The lease deadline is
-what brings the event back, counted as a failed attempt: ``before_start``
-marked the attempt as started. A message lost or delayed in the broker
-never started, and its event comes back without losing an attempt.
+limit) runs none of these hooks in that child. Celery's main process then
+reports the loss through the task's Request class (:class:`HandlerRequest`),
+which fails the attempt at once: a lost worker counts as a failed attempt,
+so a poison event ends ``failed`` instead of looping. Where nothing reports
+the loss (the whole worker died), the lease deadline brings the event back,
+counted as a failed attempt if its start was marked. A message lost or
+delayed in the broker never started, and its event comes back without
+losing an attempt.
+
+The start mark (:meth:`HandlerTask.before_start`) is a conditional write.
+In ``partiql`` mode, in a prefork child, for a message that arrives in the
+first half of its lease and was sent once, the handler runs at once and
+the mark waits to be written with other write-backs; a completion that
+comes first replaces it. That saves a request per event; what it gives
+up is narrow: if the whole worker (main process included) dies within
+``flush_interval_ms`` of such a start, the attempt is not counted.
 
 Celery's own retries are the outbox's:
 
@@ -49,8 +60,11 @@ from celery.exceptions import (
     TimeLimitExceeded,
     WorkerLostError,
 )
+from celery.utils.imports import symbol_by_name
 from celery.utils.log import get_task_logger
+from celery.worker.request import Request
 
+from celery_outbox import writeback
 from celery_outbox.errors import OutboxError
 from celery_outbox.event import Event, Lease
 from celery_outbox.store import Outcome
@@ -64,8 +78,11 @@ __all__ = [
     "HEADER_EVENT_ID",
     "HEADER_EVENT_TYPE",
     "HEADER_LEASE",
+    "HEADER_RESENT",
+    "HandlerRequest",
     "HandlerTask",
     "OutboxRetry",
+    "request_class",
     "wrap",
 ]
 
@@ -76,6 +93,7 @@ HEADER_EVENT_TYPE = "outbox_event_type"
 HEADER_ATTEMPT = "outbox_attempt"
 HEADER_LEASE = "outbox_lease"
 HEADER_DEADLINE = "outbox_deadline"
+HEADER_RESENT = "outbox_resent"
 
 # Reported by Celery's main process about a child it lost or killed; the
 # child ran no write-back, and the lease brings the event back.
@@ -118,7 +136,8 @@ class HandlerTask(Task):  # type: ignore[misc]
             return None
         event = _event(args[0])
         deadline = int(_header(request, HEADER_DEADLINE) or 0)
-        return Lease(event, str(token), deadline, 0)
+        resent = bool(_header(request, HEADER_RESENT))
+        return Lease(event, str(token), deadline, 0, resent=resent)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Start the attempt under its lease, or skip it if the lease is gone.
@@ -129,8 +148,11 @@ class HandlerTask(Task):  # type: ignore[misc]
         this worker's clock reads.
         """
         lease = self.lease_of(args)
-        # by write_mode: in partiql, buffered completions ride along (writeback.py)
-        if lease is not None and self.outbox.writer.begin(lease) is None:
+        # by write_mode: in partiql, buffered write-backs ride along (writeback.py)
+        if (
+            lease is not None
+            and self.outbox.writer.begin(lease, defer=self.may_defer(lease)) is None
+        ):
             logger.warning(
                 "Skipped event %r (attempt %d): while the message waited, its "
                 "lease was reclaimed or written back, or another copy started it",
@@ -139,6 +161,35 @@ class HandlerTask(Task):  # type: ignore[misc]
             )
             raise Ignore()
         super().before_start(task_id, args, kwargs)
+
+    def may_defer(self, lease: Lease) -> bool:
+        """Whether ``lease``'s start mark may be written after the handler starts.
+
+        Only when losing the mark cannot lose the attempt's count or run the
+        event twice: in a prefork child (the main process reports a lost
+        child, :class:`HandlerRequest`), for a message sent once (a resent
+        lease has another copy that may start too), arriving in the first
+        half of its lease (no drain reclaims it before its deadline, unless
+        the drain's clock is ahead by half a lease). Otherwise the start is
+        written, conditionally, before the handler runs.
+        """
+        if lease.resent or not writeback.in_pool_child():
+            return False
+        if not issubclass(_resolve(self.Request), HandlerRequest):
+            return False
+        half_lease = self.outbox.config.processing_timeout_ms // 2
+        return self.outbox.store.clock() < lease.deadline_ms - half_lease
+
+    def lost(self, lease: Lease, reason: BaseException) -> None:
+        """Fail ``lease``'s attempt: its worker child was lost running it.
+
+        Called in the worker's main process. A lost worker counts as a failed
+        attempt; if the child had written the event back, the lease is gone
+        and this changes nothing.
+        """
+        final = lease.retry_count + 1 > self.retry_limit()
+        error = f"WorkerLost: {type(reason).__name__}: {reason}"
+        self._fail(lease, error, final=final, what="lost attempt's failure")
 
     def retry_limit(self, max_retries: int | None = None) -> int:
         """The retries this handler allows: the lowest of the outbox's limit,
@@ -237,13 +288,15 @@ class HandlerTask(Task):  # type: ignore[misc]
         *,
         delay_ms: int | None = None,
         final: bool = False,
+        what: str = "failure",
     ) -> None:
         store = self.outbox.store
+        self.outbox.writer.discard(lease)  # a waiting start mark is moot now
 
         def write(lease: Lease) -> Outcome:
             return store.fail(lease, error, delay_ms=delay_ms, final=final)
 
-        outcome = self._write_back(lease, "failure", write)
+        outcome = self._write_back(lease, what, write)
         if outcome in (None, Outcome.STALE):
             return
         logger.warning(
@@ -274,6 +327,74 @@ class HandlerTask(Task):  # type: ignore[misc]
                 exc,
             )
             return None
+
+
+class HandlerRequest(Request):  # type: ignore[misc]
+    """A handler task's message in the worker's main process.
+
+    Celery runs this in the main process when a prefork child dies mid-task
+    (killed, out of memory) or is killed for its hard time limit. Nothing
+    ran the handler's write-back; this fails the attempt at once, under the
+    lease the message carries, so the loss counts as a failed attempt
+    without waiting for the lease to expire.
+    """
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """Fail the attempt when the child was killed for its hard limit."""
+        super().on_timeout(soft, timeout)
+        if not soft:
+            self._report_lost(TimeLimitExceeded(timeout))
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        """Fail the attempt when the child running it was lost."""
+        super().on_failure(exc_info, send_failed_event, return_ok)
+        exc = exc_info.exception
+        exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
+        cancelled = getattr(self, "_already_cancelled", False) or getattr(
+            self, "_already_revoked", False
+        )
+        # Celery treats a child's SystemExit as a lost worker unless the
+        # worker itself cancelled or revoked the task.
+        if isinstance(exc, WorkerLostError) or (
+            isinstance(exc, SystemExit | KeyboardInterrupt) and not cancelled
+        ):
+            self._report_lost(exc)
+
+    def _report_lost(self, reason: BaseException) -> None:
+        task = self.task
+        headers = self._request_dict
+        token = headers.get(HEADER_LEASE)
+        if not isinstance(task, HandlerTask) or token is None:
+            return
+        try:
+            args = self.args
+            event = _event(args[0])
+        except Exception:  # a message that was never a drain's
+            return
+        deadline = int(headers.get(HEADER_DEADLINE) or 0)
+        task.lost(Lease(event, str(token), deadline, 0), reason)
+
+
+def request_class(base: Any) -> type[HandlerRequest]:
+    """The Request class for a handler whose base task uses ``base``.
+
+    A base with its own Request class keeps it, under ours.
+    """
+    cls = _resolve(base)
+    if issubclass(cls, HandlerRequest):
+        return cls
+    if cls is Request:
+        return HandlerRequest
+    return type(f"Outbox{cls.__name__}", (HandlerRequest, cls), {})
+
+
+def _resolve(cls: Any) -> type:
+    resolved = symbol_by_name(cls) if isinstance(cls, str) else cls
+    if not (isinstance(resolved, type) and issubclass(resolved, Request)):
+        raise TypeError(f"expected a Celery Request class, got {cls!r}")
+    return resolved
 
 
 def _header(request: Any, name: str) -> Any:

@@ -271,7 +271,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
             "started (the message was lost or is still waiting in the broker)",
             event_id,
         )
-        return Lease(Event.from_item(item), token, deadline, now)
+        return Lease(Event.from_item(item), token, deadline, now, resent=True)
 
     def _lease(
         self,

@@ -108,6 +108,9 @@ def register_handler(
     for name in ("max_retries", "default_retry_delay"):
         if getattr(base, name) != getattr(Task, name):
             attrs[name] = getattr(base, name)
+    # Celery's main process reports a child lost mid-task through the
+    # task's Request class; the outbox's fails the attempt at once.
+    attrs["Request"] = handlers.request_class(getattr(base, "Request", None))
     base_cls = type(f"{fn.__name__}_handler", bases, attrs)
     options.setdefault("ignore_result", True)
     # A handler belongs to this outbox's app; Celery's default (shared)
@@ -238,6 +241,15 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
             )
         return "failed"
     args = [event.as_dict()]
+    headers = {
+        handlers.HEADER_EVENT_ID: event.id,
+        handlers.HEADER_EVENT_TYPE: event.type,
+        handlers.HEADER_ATTEMPT: event.attempt,
+        handlers.HEADER_LEASE: lease.token,
+        handlers.HEADER_DEADLINE: lease.deadline_ms,
+    }
+    if lease.resent:
+        headers[handlers.HEADER_RESENT] = 1
     try:
         task.apply_async(
             args=args,
@@ -247,13 +259,7 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
                 event, outbox.config.payload_repr, outbox.config.payload_repr_chars
             ),
             kwargsrepr="{}",
-            headers={
-                handlers.HEADER_EVENT_ID: event.id,
-                handlers.HEADER_EVENT_TYPE: event.type,
-                handlers.HEADER_ATTEMPT: event.attempt,
-                handlers.HEADER_LEASE: lease.token,
-                handlers.HEADER_DEADLINE: lease.deadline_ms,
-            },
+            headers=headers,
             # Celery's retry counter: autoretry backoff and handlers that
             # read self.request.retries count the outbox's failed attempts.
             retries=lease.retry_count,

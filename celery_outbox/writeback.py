@@ -10,11 +10,15 @@ A buffered completion is safe to lose: if the process dies before the flush,
 the lease deadline brings the event back, as for any worker lost mid-task
 (its handler then runs again: the outbox delivers at least once). Buffers
 are flushed when a worker process or the worker shuts down, and at exit.
-A handler's start (:meth:`OutboxStore.begin`) must be written before it
-runs; in ``partiql`` mode the completions waiting in the process ride in
-the same request, so under load completions cost no request of their own.
-Failures, retries and releases are rare and written at once, item by item,
-so their outcome is known (and logged) where they happen.
+
+A handler's start mark (:meth:`OutboxStore.begin`) is written before it
+runs, except where :meth:`HandlerTask.may_defer` allows the ``partiql``
+writer to buffer it like a completion: the handler runs at once, and a
+completion that comes before the flush replaces the mark, so a short
+handler costs no start write. A start written at once carries what waits
+in the buffer. Failures, retries and releases are rare and written at
+once, item by item, so their outcome is known (and logged) where they
+happen.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from celery_outbox.event import Event, Lease, Status
 from celery_outbox.partiql import BATCH_LIMIT
 from celery_outbox.store import ClaimResult, OutboxStore, Outcome
 
-__all__ = ["BatchWriter", "CompletionBuffer", "ItemWriter", "Writer", "make_writer"]
+__all__ = ["BatchWriter", "ItemWriter", "WriteBuffer", "Writer", "make_writer"]
 
 logger = get_logger(__name__)
 
@@ -65,11 +69,17 @@ class Writer(Protocol):
     def claim_items(self, items: list[dict[str, Any]]) -> ClaimResult:
         """Lease these fresh items, as an emit wrote them (nudged drains)."""
 
-    def begin(self, lease: Lease) -> Lease | None:
-        """Start ``lease``'s attempt; None when the handler must not run."""
+    def begin(self, lease: Lease, *, defer: bool = False) -> Lease | None:
+        """Start ``lease``'s attempt; None when the handler must not run.
+
+        ``defer`` allows the mark to be written after the handler starts.
+        """
 
     def complete(self, lease: Lease) -> Outcome | None:
         """Complete ``lease``'s event; None when the write is buffered."""
+
+    def discard(self, lease: Lease) -> None:
+        """Forget anything buffered for ``lease`` (its failure is written)."""
 
     def insert(self, events: list[Event]) -> InsertReport:
         """Write ``events``, each on its own, never overwriting a stored id."""
@@ -133,8 +143,8 @@ class ItemWriter:
             ) from exc
         return Lease(Event.from_item(item), token, deadline, now)
 
-    def begin(self, lease: Lease) -> Lease | None:
-        """The store's start of an attempt."""
+    def begin(self, lease: Lease, *, defer: bool = False) -> Lease | None:
+        """The store's start of an attempt, always written before it runs."""
         return self.store.begin(lease)
 
     def complete(self, lease: Lease) -> Outcome:
@@ -155,22 +165,37 @@ class ItemWriter:
                 report.written.append(event.id)
         return report
 
+    def discard(self, lease: Lease) -> None:
+        """Nothing is buffered."""
+
     def flush(self) -> None:
         """Nothing is buffered."""
 
 
-class CompletionBuffer:
-    """Completions waiting to be written together by a flusher thread.
+_START, _COMPLETE = "start", "complete"
+
+
+class WriteBuffer:
+    """Handler starts and completions waiting to be written together.
+
+    A flusher thread writes what waits after ``interval_ms`` (or as soon as
+    25 wait), 25 to a request. Entries are kept by event: a completion
+    replaces its event's waiting start, which then costs no write at all
+    (the completion's condition names the same lease).
 
     Args:
         batches: the PartiQL writer that writes them.
-        interval_ms: the longest a completion waits for others.
+        interval_ms: the longest an entry waits for others.
     """
 
     def __init__(self, batches: BatchStore, interval_ms: int) -> None:
         self.batches = batches
         self.interval_s = interval_ms / 1000
-        self._pending: list[tuple[float, Lease]] = []
+        # event id -> (queued at, kind, lease), oldest first
+        self._pending: dict[str, tuple[float, str, Lease]] = {}
+        # tokens of starts being written whose outcome was written meanwhile
+        self._writing: set[str] = set()
+        self._settled: set[str] = set()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._busy = False
@@ -178,12 +203,31 @@ class CompletionBuffer:
         _live.add(self)
 
     def __repr__(self) -> str:
-        return f"<CompletionBuffer pending={len(self._pending)}>"
+        return f"<WriteBuffer pending={len(self._pending)}>"
 
-    def add(self, lease: Lease) -> None:
-        """Queue ``lease``'s completion; the flusher writes it soon."""
+    def start(self, lease: Lease) -> None:
+        """Queue the mark that ``lease``'s handler started."""
+        self._add(lease, _START)
+
+    def complete(self, lease: Lease) -> None:
+        """Queue ``lease``'s completion, replacing its waiting start."""
+        self._add(lease, _COMPLETE)
+
+    def discard(self, lease: Lease) -> None:
+        """Drop what waits for ``lease`` (its outcome is written elsewhere)."""
         with self._cond:
-            self._pending.append((time.monotonic(), lease))
+            entry = self._pending.get(lease.event.id)
+            if entry is not None and entry[2].token == lease.token:
+                del self._pending[lease.event.id]
+            elif lease.token in self._writing:
+                # its start mark may now miss: that is expected, not a warning
+                self._settled.add(lease.token)
+
+    def _add(self, lease: Lease, kind: str) -> None:
+        with self._cond:
+            entry = self._pending.get(lease.event.id)
+            queued = time.monotonic() if entry is None else entry[0]
+            self._pending[lease.event.id] = (queued, kind, lease)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="outbox-flusher", daemon=True
@@ -192,19 +236,28 @@ class CompletionBuffer:
             if len(self._pending) in (1, BATCH_LIMIT):
                 self._cond.notify_all()
 
-    def take(self, limit: int) -> list[Lease]:
-        """Up to ``limit`` pending completions, for the caller to write."""
-        with self._cond:
-            taken = self._pending[:limit]
-            del self._pending[:limit]
-        return [lease for _, lease in taken]
+    def _take_locked(self, limit: int) -> list[tuple[str, Lease]]:
+        taken = []
+        for event_id in list(self._pending)[:limit]:
+            _, kind, lease = self._pending.pop(event_id)
+            taken.append((kind, lease))
+        return taken
 
-    def put_back(self, leases: list[Lease]) -> None:
-        """Return completions a caller took but could not write."""
+    def take(self, limit: int) -> tuple[list[Lease], list[Lease]]:
+        """Up to ``limit`` waiting entries, as (starts, completions)."""
+        with self._cond:
+            return _split(self._take_locked(limit))
+
+    def put_back(self, starts: list[Lease], completions: list[Lease]) -> None:
+        """Return entries a caller took but could not write."""
         with self._cond:
             now = time.monotonic()
-            self._pending[:0] = [(now, lease) for lease in leases]
-            if leases:
+            back = [(lease, _START) for lease in starts]
+            back += [(lease, _COMPLETE) for lease in completions]
+            for lease, kind in back:
+                # an entry queued since for the same event is newer: keep it
+                self._pending.setdefault(lease.event.id, (now, kind, lease))
+            if back:
                 self._cond.notify_all()
 
     def _run(self) -> None:
@@ -212,54 +265,77 @@ class CompletionBuffer:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-                due = self._pending[0][0] + self.interval_s
+                due = next(iter(self._pending.values()))[0] + self.interval_s
                 while len(self._pending) < BATCH_LIMIT:
                     left = due - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch = self._pending[:BATCH_LIMIT]
-                del self._pending[:BATCH_LIMIT]
+                batch = self._take_locked(BATCH_LIMIT)
                 self._busy = True
             try:
-                self._write([lease for _, lease in batch])
+                self._write(*_split(batch))
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _write(self, leases: list[Lease]) -> None:
+    def _write(self, starts: list[Lease], completions: list[Lease]) -> None:
+        with self._cond:
+            self._writing.update(lease.token for lease in starts)
         try:
-            self.batches.complete(leases)
+            _, missed, _ = self.batches.write_back(starts, completions)
         except (OutboxError, OSError) as exc:
             # The events stay leased: their deadline brings them back.
             logger.warning(
-                "Could not write %d completions (%s); their leases will expire "
-                "and the events will run again",
-                len(leases),
+                "Could not write %d handler starts and %d completions (%s); "
+                "the leases will expire and the events will run again",
+                len(starts),
+                len(completions),
                 exc,
+            )
+            return
+        finally:
+            with self._cond:
+                settled = self._settled & {lease.token for lease in starts}
+                self._writing.difference_update(lease.token for lease in starts)
+                self._settled -= settled
+        for lease in missed:
+            if lease.token in settled:
+                continue
+            logger.warning(
+                "Event %r (attempt %d) started under a lease that is no longer "
+                "live (reclaimed, or its message was sent twice): it may run "
+                "twice",
+                lease.event.id,
+                lease.event.attempt,
             )
 
     def flush(self) -> None:
-        """Write everything pending now, in this thread; wait for the flusher."""
+        """Write everything waiting now, in this thread; wait for the flusher."""
         while True:
             with self._cond:
                 while self._busy:
                     self._cond.wait()
-                batch = self._pending[:BATCH_LIMIT]
-                del self._pending[:BATCH_LIMIT]
+                batch = self._take_locked(BATCH_LIMIT)
             if not batch:
                 return
-            self._write([lease for _, lease in batch])
+            self._write(*_split(batch))
+
+
+def _split(entries: list[tuple[str, Lease]]) -> tuple[list[Lease], list[Lease]]:
+    starts = [lease for kind, lease in entries if kind == _START]
+    completions = [lease for kind, lease in entries if kind == _COMPLETE]
+    return starts, completions
 
 
 class BatchWriter:
-    """Claims and completions in conditional PartiQL batches."""
+    """Claims, starts and completions in conditional PartiQL batches."""
 
     def __init__(self, store: OutboxStore) -> None:
         self.store = store
         self.batches = BatchStore(store)
-        self.buffer = CompletionBuffer(self.batches, store.config.flush_interval_ms)
+        self.buffer = WriteBuffer(self.batches, store.config.flush_interval_ms)
 
     def __repr__(self) -> str:
         return f"<BatchWriter {self.store!r}>"
@@ -272,26 +348,42 @@ class BatchWriter:
         """Claim these fresh items, 25 to a request, without a query."""
         return self.batches.claim_items(items)
 
-    def begin(self, lease: Lease) -> Lease | None:
-        """Start the attempt; buffered completions ride in the same request."""
-        riders = self.buffer.take(BATCH_LIMIT - 1)
+    def begin(self, lease: Lease, *, defer: bool = False) -> Lease | None:
+        """Start the attempt, now or (``defer``) through the buffer.
+
+        A deferred start returns at once: the handler runs while its mark
+        waits to be written with others, and a completion that comes first
+        replaces it. The caller decides when that is safe (see
+        :meth:`HandlerTask.before_start`). A start written now carries what
+        waits in the buffer.
+        """
+        if defer:
+            self.buffer.start(lease)
+            return lease
+        starts, completions = self.buffer.take(BATCH_LIMIT - 1)
         try:
-            started, _ = self.batches.begin(lease, completing=riders)
+            started, _ = self.batches.begin(
+                lease, completing=completions, starting=starts
+            )
         except BaseException:
-            self.buffer.put_back(riders)
+            self.buffer.put_back(starts, completions)
             raise
         return started
 
     def complete(self, lease: Lease) -> None:
         """Buffer the completion; the flusher writes it within the interval."""
-        self.buffer.add(lease)
+        self.buffer.complete(lease)
+
+    def discard(self, lease: Lease) -> None:
+        """Drop ``lease``'s waiting start: its failure is written now."""
+        self.buffer.discard(lease)
 
     def insert(self, events: list[Event]) -> InsertReport:
         """``INSERT`` statements, 25 to a request."""
         return self.batches.insert(events)
 
     def flush(self) -> None:
-        """Write buffered completions now."""
+        """Write buffered starts and completions now."""
         self.buffer.flush()
 
 
@@ -302,7 +394,27 @@ def make_writer(store: OutboxStore) -> Writer:
     return ItemWriter(store)
 
 
-_live: weakref.WeakSet[CompletionBuffer] = weakref.WeakSet()
+_live: weakref.WeakSet[WriteBuffer] = weakref.WeakSet()
+_pool_child = False
+
+
+def in_pool_child() -> bool:
+    """Whether this process is a prefork pool child of a Celery worker.
+
+    Only there is a handler's process watched by another: when a child
+    dies mid-task, the worker's main process reports it
+    (:class:`~celery_outbox.handlers.HandlerRequest`), so a start mark
+    that died with the child is not needed to count the attempt.
+    """
+    return _pool_child
+
+
+def _pool_child_started(**kwargs: Any) -> None:
+    global _pool_child
+    _pool_child = True
+
+
+signals.worker_process_init.connect(_pool_child_started, weak=False)
 
 
 def flush_all(**kwargs: Any) -> None:

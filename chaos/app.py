@@ -73,6 +73,7 @@ app.conf.update(
     outbox_max_backoff_ms=2000,
     outbox_completion="keep",
     outbox_handler_queue=HANDLER_QUEUE,
+    outbox_write_mode=_env("WRITE_MODE", "item"),
 )
 outbox = Outbox(app, clock=skewed_clock if SKEW_MS else None)
 

@@ -50,6 +50,9 @@ class Invocation:
     outcome: str | None = None
     """What the write-back did: completed, retrying, failed or stale."""
     write_error: str | None = None
+    reported_lost: int | None = None
+    """When the worker's main process failed the attempt of this run's lost
+    child (which ends its lease), if it did."""
     kind: str = field(default="first")
     """``first``, ``retry`` (after a planned failure) or ``duplicate``."""
     reason: str | None = None
@@ -79,7 +82,10 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
             by_token[(run.token, run.pid)].append(run)
         elif rec["k"] in ("end", "wb"):
             later.append(rec)
+    lost = [r for r in later if str(r.get("what", "")).startswith("lost")]
     for rec in later:
+        if rec in lost:
+            continue
         # ``end`` and ``wb`` come from the process that ran the body.
         matches = by_token.get((rec.get("token"), int(rec["pid"])), [])
         if rec["k"] == "end":
@@ -101,6 +107,15 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
             run.write_error = str(rec["error"])
         else:
             run.written, run.outcome = int(rec["t"]), rec.get("outcome")
+    for rec in lost:
+        if "error" in rec:
+            continue
+        # The worker's main process failed the attempt of a child it lost:
+        # that ends the lease of the run that wrote nothing back.
+        for (token, _), found in by_token.items():
+            for run in found:
+                if token == rec.get("token") and run.written is None:
+                    run.reported_lost = int(rec["t"])
     for event_runs in runs.values():
         event_runs.sort(key=lambda r: (r.started, r.attempt))
     return dict(runs)
@@ -115,10 +130,11 @@ def _classify(
     the fastest clock sees it; a run of the event starting within that time,
     before ``earlier`` wrote back, started under a second live lease.
     """
+    ended_lease = earlier.written or earlier.reported_lost
     overlap = bool(
         earlier.began is not None
         and run.started < earlier.began + live_ms
-        and (earlier.written is None or earlier.written > run.started)
+        and (ended_lease is None or ended_lease > run.started)
     )
     if earlier.token == run.token:
         return "unexplained: the same lease ran twice", overlap

@@ -256,6 +256,7 @@ class ChaosRun:
             "CHAOS_POLL_MS": str(args.poll_ms),
             "CHAOS_MAX_RETRIES": str(args.max_retries),
             "CHAOS_HANDLER_QUEUE": args.handler_queue or "",
+            "CHAOS_WRITE_MODE": args.write_mode,
         }
         celery = [sys.executable, "-m", "celery", "-A", "chaos.app"]
         queues = ",".join(["chaos", *filter(None, [args.handler_queue])])
@@ -344,6 +345,7 @@ class ChaosRun:
             "max_retries": args.max_retries, "workers": 2,
             "concurrency": args.concurrency, "beats": 2, "skewed_drain_loops": 1,
             "handler_queue": args.handler_queue, "kill_every_s": args.kill_every_s,
+            "write_mode": args.write_mode,
             "seed": args.seed,
         }  # fmt: skip
 
@@ -374,6 +376,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="a queue of their own for handler messages (default: "
         "they share the drain's queue)",
+    )
+    p.add_argument(
+        "--write-mode",
+        choices=["item", "partiql"],
+        default="item",
+        help="the outbox's write_mode (item)",
     )
     p.add_argument("--concurrency", type=int, default=2, help="pool size per worker")
     p.add_argument(

@@ -283,3 +283,78 @@ def test_the_writer_sends_buffered_completions_with_the_next_start(
     assert all(store.get_item(lease.event.id) is None for lease in done)
     writer.flush()
     assert counts["BatchExecuteStatement"] == 1  # nothing was left to flush
+
+
+def test_a_deferred_start_is_replaced_by_its_completion(make: Any) -> None:
+    """A handler that finishes before the flush costs no start write at all."""
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 3)
+    leases = writer.claim().leases
+    counts = count_requests(store)
+    for lease in leases:
+        assert writer.begin(lease, defer=True) is lease
+    assert counts == {}  # nothing written before the handlers run
+    for lease in leases:
+        writer.complete(lease)
+    writer.flush()
+    assert counts == {"BatchExecuteStatement": 1}
+    assert all(store.get_item(lease.event.id) is None for lease in leases)
+
+
+def test_a_deferred_start_is_written_while_its_handler_runs(make: Any) -> None:
+    """The flusher marks a running handler's start and restarts its deadline."""
+    store, _ = make(flush_interval_ms=5)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    writer.begin(lease, defer=True)
+    deadline = time.monotonic() + 30
+    while ev.RUNNING_SINCE not in (store.get_item(lease.event.id) or {}):
+        assert time.monotonic() < deadline, "the start mark was never written"
+        time.sleep(0.02)
+    found = store.get_item(lease.event.id)
+    assert found is not None
+    assert found[ev.STATUS]["S"] == Status.ACTIVE.value
+    assert int(found[ev.SORT_KEY]["N"]) >= lease.deadline_ms
+    # A second copy of the message must not start it again.
+    assert writer.begin(lease) is None
+    writer.complete(lease)
+    writer.flush()
+    assert store.get_item(lease.event.id) is None
+
+
+def test_a_failure_drops_the_waiting_start(make: Any) -> None:
+    """A failure written at once leaves no start mark behind to write later."""
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    writer.begin(lease, defer=True)
+    writer.discard(lease)
+    assert store.fail(lease, "boom", delay_ms=0) is Outcome.RETRYING
+    counts = count_requests(store)
+    writer.flush()
+    assert counts == {}
+    found = store.get_item(lease.event.id)
+    assert found is not None and ev.RUNNING_SINCE not in found
+
+
+def test_waiting_write_backs_ride_with_a_written_start(make: Any) -> None:
+    """A start written now carries deferred starts and completions, 25 at most."""
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 30)
+    leases = writer.claim().leases
+    first, rest = leases[:15], leases[15:]
+    for lease in first:
+        writer.begin(lease, defer=True)
+    for lease in first[:5]:
+        writer.complete(lease)
+    counts = count_requests(store)
+    assert writer.begin(rest[0]) is not None
+    assert counts == {"BatchExecuteStatement": 1}
+    for lease in first[:5]:
+        assert store.get_item(lease.event.id) is None
+    for lease in first[5:]:
+        assert ev.RUNNING_SINCE in (store.get_item(lease.event.id) or {})

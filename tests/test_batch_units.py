@@ -186,3 +186,39 @@ def test_item_writer_insert_checks_every_event_first(store: OutboxStore) -> None
     with pytest.raises(ItemTooLargeError):
         ItemWriter(store).insert([good, huge])
     assert store.get_item(good.id) is None
+
+
+class RacingBatches:
+    """A batch writer whose start marks all miss, as when a failure raced them."""
+
+    def __init__(self) -> None:
+        self.buffer: Any = None
+        self.race = True
+
+    def write_back(self, starts: list[Any], completions: list[Any]) -> Any:
+        if self.race:
+            for lease in starts:  # the handler's failure is written meanwhile
+                self.buffer.discard(lease)
+        return [False] * len(starts), list(starts), []
+
+
+def test_a_start_mark_that_lost_to_its_own_failure_is_not_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a start that missed for another reason warns that it may run twice."""
+    from celery_outbox.event import Lease
+    from celery_outbox.writeback import WriteBuffer
+
+    batches = RacingBatches()
+    buffer = WriteBuffer(batches, 60_000)  # type: ignore[arg-type]
+    batches.buffer = buffer
+    lease = Lease(Event.new("order.created"), "t1", 0, 0)
+    buffer.start(lease)
+    with caplog.at_level("WARNING", logger="celery_outbox.writeback"):
+        buffer.flush()
+    assert "may run twice" not in caplog.text
+    batches.race = False
+    buffer.start(lease)
+    with caplog.at_level("WARNING", logger="celery_outbox.writeback"):
+        buffer.flush()
+    assert "may run twice" in caplog.text

@@ -66,6 +66,7 @@ def test_quick_run_produces_every_figure(
     else:
         assert "UpdateItem" in per_event["requests_by_operation"]
     assert e2e["outbox"]["cpu_ms_per_event"]["worker"] is not None
+    assert e2e["app_cpu_ratio"] > 0
     for name in ("bare", "outbox", "outbox_nudge"):
         latency = median["latency"][name]
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]

@@ -32,7 +32,8 @@ def need(program: str) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_reduced_chaos_run() -> None:
+@pytest.mark.parametrize("write_mode", ["item", "partiql"])
+def test_reduced_chaos_run(write_mode: str) -> None:
     """No event is lost or left pending, and every duplicate has a cause."""
     need("java")
     need("redis-server")
@@ -49,6 +50,8 @@ def test_reduced_chaos_run() -> None:
             "1",
             "--settle-s",
             "300",
+            "--write-mode",
+            write_mode,
         ],
         cwd=ROOT,
         capture_output=True,

@@ -116,6 +116,34 @@ class TestDuplicates:
         assert figures["overlapping_leases"] == 1
         assert figures["problems"]
 
+    def test_a_lost_child_reported_by_the_main_process_ends_its_lease(
+        self,
+    ) -> None:
+        """After the main process failed a killed run's attempt, a rerun is fine."""
+        lost = {"k": "wb", "what": "lost attempt's failure", "id": "e"}
+        lost |= {"token": "a", "pid": 7, "outcome": "retrying"}
+        figures = self.figures(
+            run("e", "a", 1, 100, ends=None),
+            run("e", "b", 2, 300),
+            more=[
+                {"k": "kill", "victim": 1, "t": 150, "pid": 0},
+                {**lost, "t": 160},
+            ],
+        )
+        assert figures["duplicates_by_reason"] == {"killed mid-task": 1}
+        assert figures["overlapping_leases"] == 0
+        assert figures["problems"] == []
+        # A rerun before the report is still an overlap.
+        figures = self.figures(
+            run("e", "a", 1, 100, ends=None),
+            run("e", "b", 2, 300),
+            more=[
+                {"k": "kill", "victim": 1, "t": 150, "pid": 0},
+                {**lost, "t": 400},
+            ],
+        )
+        assert figures["overlapping_leases"] == 1
+
     def test_skew_widens_the_window(self) -> None:
         """A drainer running ahead may reclaim that much before the deadline."""
         records = [

@@ -366,6 +366,44 @@ class TestWriteBack:
             handle.pop_request()
         assert item(outbox, lease.event.id)["status"]["S"] == "active"
 
+    def test_main_process_report_of_a_lost_child_fails_the_attempt(
+        self, outbox: Outbox
+    ) -> None:
+        """``lost`` (the main process's report) counts the attempt at once."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        handle.lost(lease, WorkerLostError("signal 9 (SIGKILL)"))
+        stored = item(outbox, lease.event.id)
+        assert stored["status"]["S"] == "created"
+        assert stored["retryCount"]["N"] == "1"
+        assert stored["lastError"]["S"].startswith("WorkerLost: WorkerLostError")
+        handle.lost(lease, WorkerLostError("again"))  # a stale report: no-op
+        assert item(outbox, lease.event.id)["retryCount"]["N"] == "1"
+
+    def test_start_is_deferred_only_when_safe(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Deferred only in a prefork child, for a fresh lease sent once."""
+        from celery_outbox import writeback
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        assert not handle.may_defer(lease)  # not a pool child
+        monkeypatch.setattr(writeback, "_pool_child", True)
+        assert handle.may_defer(lease)
+        resent = ev.Lease(lease.event, lease.token, lease.deadline_ms, 0, resent=True)
+        assert not handle.may_defer(resent)
+        half = outbox.config.processing_timeout_ms // 2
+        outbox.store.clock = lambda: lease.deadline_ms - half  # arrived late
+        assert not handle.may_defer(lease)
+
     def test_stale_write_back_changes_nothing(self, outbox: Outbox) -> None:
         """A late success under a reclaimed lease leaves the new lease alone."""
 
@@ -513,3 +551,30 @@ def test_second_outbox_on_one_app_is_refused() -> None:
     with pytest.raises(ConfigError, match="already has an Outbox"):
         Outbox(app)
     assert Outbox(Celery("other", set_as_current=False)).app is not app
+
+
+def test_handlers_report_lost_children_through_their_request_class() -> None:
+    """Handler tasks get the outbox's Request class, under a base's own."""
+    from celery.worker.request import Request
+
+    class Audited(Request):  # type: ignore[misc]
+        pass
+
+    class AuditedTask(Task):  # type: ignore[misc]
+        Request = Audited
+
+    app = Celery("requests", broker="memory://")
+    outbox = Outbox(app, table_name="t")
+
+    @outbox.handler("plain")
+    def plain(event: Event) -> None: ...
+
+    @outbox.handler("audited", base=AuditedTask)
+    def audited(event: Event) -> None: ...
+
+    assert plain.Request is handlers.HandlerRequest
+    assert issubclass(audited.Request, handlers.HandlerRequest)
+    assert issubclass(audited.Request, Audited)
+    assert handlers.request_class(audited.Request) is audited.Request
+    with pytest.raises(TypeError):
+        handlers.request_class(object)

@@ -33,6 +33,7 @@ app.conf.update(
     outbox_processing_timeout_ms=int(ENV.get("OUTBOX_IT_TIMEOUT_MS", "30000")),
     outbox_base_backoff_ms=int(ENV.get("OUTBOX_IT_BACKOFF_MS", "500")),
     outbox_max_retries=int(ENV.get("OUTBOX_IT_MAX_RETRIES", "2")),
+    outbox_write_mode=ENV.get("OUTBOX_IT_WRITE_MODE", "item"),
 )
 if "OUTBOX_IT_VISIBILITY_S" in ENV:
     visibility_s = int(ENV["OUTBOX_IT_VISIBILITY_S"])
