@@ -85,8 +85,14 @@ class ChaosTask(HandlerTask):
         lease = self.lease_of(args)
         if lease is not None:
             # Taken before the start is written: the lease it renews lasts at
-            # least the processing timeout from here.
-            record("begin", id=lease.event.id, token=lease.token)
+            # least the processing timeout from here. A deferred start renews
+            # it later, if at all: until then the claim's deadline holds.
+            record(
+                "begin",
+                id=lease.event.id,
+                token=lease.token,
+                deferred=self.may_defer(lease),
+            )
         try:
             super().before_start(task_id, args, kwargs)
         except Ignore:
@@ -96,16 +102,27 @@ class ChaosTask(HandlerTask):
             raise
 
     def _write_back(
-        self, lease: Lease, what: str, write: Callable[[Lease], Outcome]
+        self, lease: Lease, what: str, write: Callable[[Lease], Outcome | None]
     ) -> Outcome | None:
         # HandlerTask's one door to DynamoDB after the body: its outcome is
-        # None when the write failed (and was logged).
-        outcome = super()._write_back(lease, what, write)
+        # None when the write failed (and was logged), or when the write
+        # was buffered (partiql mode), to be written by the flusher.
+        buffered = False
+
+        def tracked(lease: Lease) -> Outcome | None:
+            nonlocal buffered
+            result = write(lease)
+            buffered = result is None
+            return result
+
+        outcome = super()._write_back(lease, what, tracked)
         fields: dict[str, Any] = {"id": lease.event.id, "token": lease.token}
-        if outcome is None:
-            fields["error"] = "the write-back failed"
-        else:
+        if outcome is not None:
             fields["outcome"] = outcome.value
+        elif buffered:
+            fields["outcome"] = "buffered"
+        else:
+            fields["error"] = "the write-back failed"
         record("wb", what=what, **fields)
         return outcome
 

@@ -50,6 +50,12 @@ class Invocation:
     outcome: str | None = None
     """What the write-back did: completed, retrying, failed or stale."""
     write_error: str | None = None
+    deferred: bool = False
+    """Whether the start mark was deferred (written after the body began):
+    the lease then lasts at least until the claim's deadline, not a whole
+    processing timeout from ``began``."""
+    deadline: int | None = None
+    """The claim's lease deadline, from the message."""
     reported_lost: int | None = None
     """When the worker's main process failed the attempt of this run's lost
     child (which ends its lease), if it did."""
@@ -65,10 +71,13 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
     by_token: dict[tuple[str | None, int], list[Invocation]] = defaultdict(list)
     later: list[dict[str, Any]] = []
     began: dict[tuple[str | None, int], int] = {}
+    deferred: set[tuple[str | None, int]] = set()
     for rec in records:
         if rec["k"] == "begin":
             # A process records its begin, then its start, in that order.
             began[(rec.get("token"), int(rec["pid"]))] = int(rec["t"])
+            if rec.get("deferred"):
+                deferred.add((rec.get("token"), int(rec["pid"])))
         elif rec["k"] == "start":
             run = Invocation(
                 rec["id"],
@@ -77,6 +86,8 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
                 int(rec["pid"]),
                 int(rec["t"]),
                 began.get((rec.get("token"), int(rec["pid"]))),
+                deferred=(rec.get("token"), int(rec["pid"])) in deferred,
+                deadline=rec.get("deadline"),
             )
             runs[run.event_id].append(run)
             by_token[(run.token, run.pid)].append(run)
@@ -122,20 +133,40 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
 
 
 def _classify(
-    earlier: Invocation, run: Invocation, killed: set[int], live_ms: int
+    earlier: Invocation,
+    run: Invocation,
+    killed: set[int],
+    skew_ms: int,
+    timeout_ms: int,
 ) -> tuple[str, bool]:
     """Why ``run`` repeated ``earlier``, and whether their leases overlapped.
 
-    ``earlier``'s lease was live for at least ``live_ms`` after it began, as
-    the fastest clock sees it; a run of the event starting within that time,
-    before ``earlier`` wrote back, started under a second live lease.
+    ``earlier``'s lease was live for at least a processing timeout after it
+    began (its start mark restarted the deadline), or, with a deferred start
+    mark, until the claim's deadline, as the fastest clock sees it; a run of
+    the event starting within that time, before ``earlier`` wrote back,
+    started under a second live lease.
     """
-    ended_lease = earlier.written or earlier.reported_lost
+    skew = max(skew_ms, 0)
+    live_until = None
+    if earlier.deferred and earlier.deadline is not None:
+        live_until = int(earlier.deadline) - skew
+    elif earlier.began is not None:
+        live_until = earlier.began + timeout_ms - skew
+    # A buffered completion may have died with its process: its lease ended
+    # only if it was written, which the records cannot tell.
+    written = None if earlier.outcome == "buffered" else earlier.written
+    ended_lease = written or earlier.reported_lost
     overlap = bool(
-        earlier.began is not None
-        and run.started < earlier.began + live_ms
+        live_until is not None
+        and run.started < live_until
         and (ended_lease is None or ended_lease > run.started)
     )
+    if earlier.outcome == "buffered" and earlier.pid in killed:
+        # Its completion (and the start mark it replaced, if deferred) died
+        # with the process; the lease expired unmarked and was sent again,
+        # under the same token when the start mark had not been written.
+        return "killed before its buffered write-back", overlap
     if earlier.token == run.token:
         return "unexplained: the same lease ran twice", overlap
     if earlier.ended is None:
@@ -148,6 +179,8 @@ def _classify(
         if earlier.pid in killed:
             return "killed before write-back", overlap
         return "unexplained: no write-back and no kill", overlap
+    if earlier.outcome == "buffered":
+        return "unexplained: a buffered write-back was lost", overlap
     if earlier.outcome == "stale":
         # The store found another lease in place: the event was reclaimed.
         return "lease expired before write-back", overlap
@@ -220,7 +253,6 @@ def analyse(
     overlaps = duplicates = 0
     handled = set()
     # A drainer whose clock runs ahead sees every lease end that much early.
-    live_ms = timeout_ms - max(skew_ms, 0)
     for event_id, event_runs in runs.items():
         for i, run in enumerate(event_runs):
             if run.ok:
@@ -233,7 +265,7 @@ def analyse(
                 continue
             run.kind = "duplicate"
             duplicates += 1
-            run.reason, overlap = _classify(earlier, run, killed, live_ms)
+            run.reason, overlap = _classify(earlier, run, killed, skew_ms, timeout_ms)
             reasons[run.reason] += 1
             overlaps += overlap
 

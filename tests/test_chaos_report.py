@@ -144,6 +144,23 @@ class TestDuplicates:
         )
         assert figures["overlapping_leases"] == 1
 
+    def test_a_buffered_completion_lost_with_its_process(self) -> None:
+        """A killed process's buffered completion explains a rerun, same lease."""
+        figures = self.figures(
+            run("e", "a", 1, 100, outcome="buffered"),
+            run("e", "a", 2, 20_000),
+            more=[{"k": "kill", "victim": 1, "t": 150, "pid": 0}],
+        )
+        assert figures["duplicates_by_reason"] == {
+            "killed before its buffered write-back": 1
+        }
+        assert figures["problems"] == []
+        # Without a kill, a lost buffered completion is unexplained.
+        figures = self.figures(
+            run("e", "a", 1, 100, outcome="buffered"), run("e", "a", 2, 20_000)
+        )
+        assert figures["unexplained_duplicates"] == 1
+
     def test_skew_widens_the_window(self) -> None:
         """A drainer running ahead may reclaim that much before the deadline."""
         records = [
@@ -226,3 +243,21 @@ class TestOutcomes:
         )
         assert figures["emit_errors_stored_anyway"] == 1
         assert figures["lost"] == 0 and figures["problems"] == []
+
+
+def test_a_deferred_start_keeps_only_the_claims_deadline() -> None:
+    """With a deferred start mark, a run after the claim's deadline is no overlap."""
+    first = run("e", "a", 1, 100, outcome="buffered")
+    first[0]["deferred"] = True
+    first[1]["deadline"] = 5_000
+    records = [emitted("e"), *first, *run("e", "b", 2, 5_100)]
+    records.append({"k": "kill", "victim": 1, "t": 150, "pid": 0})
+    figures = analyse(
+        records, {"e": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
+    )
+    assert figures["overlapping_leases"] == 0
+    first[0]["deferred"] = False  # a written start renews the whole lease
+    figures = analyse(
+        records, {"e": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
+    )
+    assert figures["overlapping_leases"] == 1
