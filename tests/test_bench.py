@@ -71,3 +71,17 @@ def test_quick_run_produces_every_figure(
         latency = median["latency"][name]
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert all(v is not None for k, v in numbers(median).items() if "cpu" not in k)
+    from benchmarks.tables import ROWS, table
+
+    rows = table([(mode, median)]).splitlines()[2:]
+    assert len(rows) == len(ROWS)
+    assert not [row for row in rows if row.endswith("| - |")]  # every figure shown
+
+
+def test_tables_show_missing_figures_as_dashes() -> None:
+    """An older result without a figure shows ``-`` in that figure's row."""
+    from benchmarks.tables import table
+
+    text = table([("old", {"e2e": {"ratio": 0.25}}), ("new", {"e2e": {"ratio": 0.5}})])
+    assert "| **throughput ratio** | 0.250 | 0.500 |" in text
+    assert "| end to end, outbox (events/s) | - | - |" in text
