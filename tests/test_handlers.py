@@ -298,6 +298,24 @@ class TestDispatchBatch:
             assert stored["status"]["S"] == "created"
             assert stored["retryCount"]["N"] == "0"
 
+    def test_store_error_still_sends_what_was_dispatched(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A DynamoDB error mid-drain flushes the messages sent before it."""
+        producer = FakeProducer()
+        sent = self.use(outbox, monkeypatch, producer)
+        first = outbox.emit("order.created")
+        time.sleep(0.01)  # due after the first: claimed, and dispatched, second
+        outbox.emit("no.handler")
+
+        def down(*args: Any, **kwargs: Any) -> None:
+            raise StoreError("DynamoDB is down", "InternalServerError")
+
+        monkeypatch.setattr(outbox.store, "fail", down)
+        assert outbox.drain()["paused"] == 1
+        assert producer.batches == ["open", "flushed"]
+        assert [m["args"][0]["id"] for m in sent] == [first.id]
+
     def test_without_batches_the_producer_is_still_shared(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
