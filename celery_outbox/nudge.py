@@ -184,7 +184,7 @@ def drain_emitted(outbox: Outbox, events: list[dict[str, Any]]) -> dict[str, int
 
     items = [Event.from_dict(e).to_item(0) for e in events]
     result = outbox.writer.claim_items(items)
-    outcomes = [tasks.dispatch(outbox, lease) for lease in result.leases]
+    outcomes = tasks.dispatch_all(outbox, result.leases)
     return {
         "claimed": len(result.leases),
         "skipped": result.skipped,

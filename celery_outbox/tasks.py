@@ -8,8 +8,9 @@ Flower and logs show which event a task serves.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -23,13 +24,25 @@ from celery_outbox.store import Outcome
 if TYPE_CHECKING:
     from celery_outbox.outbox import Outbox
 
-__all__ = ["dispatch", "drain", "install", "register_handler", "task_id"]
+__all__ = [
+    "dispatch",
+    "dispatch_all",
+    "drain",
+    "install",
+    "register_handler",
+    "task_id",
+]
 
 logger = get_task_logger("celery_outbox.drain")
 
 DRAIN_TASK = "celery_outbox.drain"
 BEAT_ENTRY = "celery_outbox.drain"
 MIN_DRAIN_EXPIRES_S = 1.0
+# A drain's messages all go in the one flush at the end of its publish
+# batch: an automatic flush part-way through would fail alone, after the
+# leases it carried were counted as dispatched. The bound only has to exceed
+# the broker commands of a drain (a few per message).
+_PUBLISH_BATCH_MAX = 1 << 30
 
 
 def task_id(lease: Lease) -> str:
@@ -188,8 +201,7 @@ def _drain(outbox: Outbox) -> dict[str, int]:
     nudge.after_claim(outbox, len(result.leases))  # the next drain, if busy
     leases = result.leases
     dispatched = failed = released = 0
-    for lease in leases:
-        outcome = dispatch(outbox, lease)
+    for outcome in dispatch_all(outbox, leases):
         if outcome == "dispatched":
             dispatched += 1
         elif outcome == "failed":
@@ -217,12 +229,77 @@ def _drain(outbox: Outbox) -> dict[str, int]:
     return summary
 
 
-def dispatch(outbox: Outbox, lease: Lease) -> str:
+def dispatch_all(outbox: Outbox, leases: Sequence[Lease]) -> list[str]:
+    """:func:`dispatch` each lease in turn; return each one's outcome.
+
+    The messages share one producer instead of taking one from the pool
+    each, and where kombu can batch publishes (5.7 and later, on Redis)
+    they reach the broker in one pipelined write at the end: a publish is
+    then about half the CPU, since kombu's Redis transport otherwise builds
+    a client and makes a round trip for every message. When that write
+    fails, whether each message arrived is unknown, so every lease it
+    carried is released, as for a refused send: a copy that did arrive
+    finds its lease gone when it starts, and skips itself.
+    """
+    if not leases:
+        return []
+    app = outbox.app
+    if app.conf.task_always_eager:  # nothing is published: no producer
+        return [dispatch(outbox, lease) for lease in leases]
+    with contextlib.ExitStack() as stack:
+        try:
+            producer = stack.enter_context(app.producer_or_acquire())
+        except Exception:
+            # Nothing to share: each send takes its own producer and fails
+            # (releasing its lease) or succeeds on its own, as without one.
+            producer = None
+        batch = getattr(producer, "batch", None)
+        if batch is None:
+            outcomes = [dispatch(outbox, lease, producer=producer) for lease in leases]
+        else:
+            outcomes = _dispatch_batch(outbox, leases, producer, batch)
+    return outcomes
+
+
+def _dispatch_batch(
+    outbox: Outbox, leases: Sequence[Lease], producer: Any, batch: Any
+) -> list[str]:
+    """Dispatch in one kombu publish batch; release its leases if it fails."""
+    outcomes: list[str] = []
+    error: Exception | None = None
+    try:
+        with batch(max_size=_PUBLISH_BATCH_MAX):
+            for lease in leases:
+                try:
+                    outcomes.append(dispatch(outbox, lease, producer=producer))
+                except Exception as exc:
+                    # DynamoDB failed a write-back: still send what was
+                    # dispatched so far, as unbatched sends would have.
+                    error = exc
+                    break
+    except Exception as exc:  # the batch's write to the broker failed
+        sent = [i for i, outcome in enumerate(outcomes) if outcome == "dispatched"]
+        logger.warning(
+            "Could not send %d handler messages to the broker (%s); releasing "
+            "their events for the next drain",
+            len(sent),
+            exc,
+        )
+        for index in sent:
+            outbox.store.release(leases[index])
+            outcomes[index] = "released"
+    if error is not None:
+        raise error
+    return outcomes
+
+
+def dispatch(outbox: Outbox, lease: Lease, *, producer: Any = None) -> str:
     """Send the handler task for one leased event.
 
     Returns ``dispatched``, ``failed`` (no handler for its type) or
     ``released`` (the broker refused the message; the event is due again
-    without losing an attempt).
+    without losing an attempt). ``producer``: a kombu producer to send
+    with, instead of one taken from the app's pool for this message.
     """
     event = lease.event
     task = outbox.handlers.get(event.type)
@@ -264,6 +341,7 @@ def dispatch(outbox: Outbox, lease: Lease) -> str:
             # read self.request.retries count the outbox's failed attempts.
             retries=lease.retry_count,
             **_routing(outbox, task, args),
+            **({} if producer is None else {"producer": producer}),
         )
     except Exception as exc:  # any broker error: give the lease back
         logger.warning(

@@ -7,6 +7,8 @@ with real worker processes are in ``tests/integration``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -223,6 +225,148 @@ class TestDispatch:
         outbox.drain()
         assert calls == [1]
         assert outbox.store.status_of(emitted.id) is None
+
+
+class FakeProducer:
+    """A kombu producer that records its publish batches."""
+
+    def __init__(self, fail_flush: bool = False) -> None:
+        self.fail_flush = fail_flush
+        self.batches: list[str] = []
+
+    @contextlib.contextmanager
+    def batch(self, max_size: int) -> Iterator[None]:
+        self.batches.append("open")
+        yield
+        if self.fail_flush:
+            raise ConnectionError("broker went away")
+        self.batches.append("flushed")
+
+
+class TestDispatchBatch:
+    """A drain's messages share one producer and one publish batch."""
+
+    def use(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, producer: FakeProducer
+    ) -> list[dict[str, Any]]:
+        """Publish through ``producer``; return what each send was given."""
+        outbox.app.conf.task_always_eager = False
+
+        @contextlib.contextmanager
+        def acquire(*args: Any) -> Iterator[FakeProducer]:
+            yield producer
+
+        monkeypatch.setattr(outbox.app, "producer_or_acquire", acquire)
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        sent: list[dict[str, Any]] = []
+
+        def send(**kwargs: Any) -> None:
+            assert producer.batches == ["open"], "sent outside the batch"
+            sent.append(kwargs)
+
+        monkeypatch.setattr(handle, "apply_async", send)
+        return sent
+
+    def test_one_producer_one_batch(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every message of a drain goes through the same producer and batch."""
+        producer = FakeProducer()
+        sent = self.use(outbox, monkeypatch, producer)
+        emitted = [outbox.emit("order.created", {"n": n}) for n in range(3)]
+        summary = outbox.drain()
+        assert (summary["dispatched"], summary["released"]) == (3, 0)
+        assert producer.batches == ["open", "flushed"]
+        assert all(message["producer"] is producer for message in sent)
+        assert {m["args"][0]["id"] for m in sent} == {e.id for e in emitted}
+
+    def test_failed_batch_releases_its_leases(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch the broker refused gives every event back, no attempt used."""
+        producer = FakeProducer(fail_flush=True)
+        sent = self.use(outbox, monkeypatch, producer)
+        emitted = [outbox.emit("order.created", {"n": n}) for n in range(3)]
+        summary = outbox.drain()
+        assert (summary["dispatched"], summary["released"]) == (0, 3)
+        assert len(sent) == 3
+        for event in emitted:
+            stored = item(outbox, event.id)
+            assert stored["status"]["S"] == "created"
+            assert stored["retryCount"]["N"] == "0"
+
+    def test_store_error_still_sends_what_was_dispatched(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A DynamoDB error mid-drain flushes the messages sent before it."""
+        producer = FakeProducer()
+        sent = self.use(outbox, monkeypatch, producer)
+        first = outbox.emit("order.created")
+        time.sleep(0.01)  # due after the first: claimed, and dispatched, second
+        outbox.emit("no.handler")
+
+        def down(*args: Any, **kwargs: Any) -> None:
+            raise StoreError("DynamoDB is down", "InternalServerError")
+
+        monkeypatch.setattr(outbox.store, "fail", down)
+        assert outbox.drain()["paused"] == 1
+        assert producer.batches == ["open", "flushed"]
+        assert [m["args"][0]["id"] for m in sent] == [first.id]
+
+    def test_without_batches_the_producer_is_still_shared(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A kombu without publish batches sends each message at once."""
+
+        class Plain:
+            """A producer of a kombu before 5.7."""
+
+        producer = Plain()
+        outbox.app.conf.task_always_eager = False
+
+        @contextlib.contextmanager
+        def acquire(*args: Any) -> Iterator[Plain]:
+            yield producer
+
+        monkeypatch.setattr(outbox.app, "producer_or_acquire", acquire)
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        sent: list[dict[str, Any]] = []
+        monkeypatch.setattr(handle, "apply_async", lambda **kw: sent.append(kw))
+        outbox.emit("order.created")
+        outbox.emit("order.created")
+        assert outbox.drain()["dispatched"] == 2
+        assert [m["producer"] for m in sent] == [producer, producer]
+
+    def test_real_broker_gets_every_message(
+        self, moto_endpoint: str, redis_url: str, queue_name: str
+    ) -> None:
+        """Through kombu and Redis, a batched drain queues one message per event."""
+        import redis
+
+        outbox = eager_outbox(moto_endpoint, handler_queue=queue_name)
+        outbox.app.conf.task_always_eager = False
+        outbox.app.conf.broker_url = redis_url
+        client = redis.Redis.from_url(redis_url)
+        try:
+
+            @outbox.handler("order.created")
+            def handle(event: Event) -> None: ...
+
+            emitted = {outbox.emit("order.created", {"n": n}).id for n in range(30)}
+            assert outbox.drain()["dispatched"] == 30
+            messages = [json.loads(m) for m in client.lrange(queue_name, 0, -1)]
+            assert {m["headers"][handlers.HEADER_EVENT_ID] for m in messages} == (
+                emitted
+            )
+        finally:
+            client.delete(queue_name)
+            outbox.store.delete_table()
 
 
 class TestWriteBack:
