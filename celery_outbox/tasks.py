@@ -17,6 +17,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from celery_outbox import checks, handlers, management, nudge, redaction
+from celery_outbox.config import WriteMode
 from celery_outbox.errors import HandlerError, OutboxError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -169,7 +170,8 @@ def drain(outbox: Outbox) -> dict[str, int]:
 
 
 _SUMMARY_KEYS = (
-    "claimed", "skipped", "dispatched", "failed", "released", "busy", "paused",
+    "claimed", "skipped", "dispatched", "failed", "released", "held", "busy",
+    "paused",
 )  # fmt: skip
 
 
@@ -200,12 +202,14 @@ def _drain(outbox: Outbox) -> dict[str, int]:
     result = outbox.writer.claim()  # by write_mode (writeback.py)
     nudge.after_claim(outbox, len(result.leases))  # the next drain, if busy
     leases = result.leases
-    dispatched = failed = released = 0
+    dispatched = failed = released = held = 0
     for outcome in dispatch_all(outbox, leases):
         if outcome == "dispatched":
             dispatched += 1
         elif outcome == "failed":
             failed += 1
+        elif outcome == "held":
+            held += 1
         else:
             released += 1
     summary = {
@@ -214,6 +218,7 @@ def _drain(outbox: Outbox) -> dict[str, int]:
         "dispatched": dispatched,
         "failed": failed + result.exhausted,
         "released": released,
+        "held": held,
         "busy": 0,
         "paused": 0,
     }
@@ -280,14 +285,13 @@ def _dispatch_batch(
     except Exception as exc:  # the batch's write to the broker failed
         sent = [i for i, outcome in enumerate(outcomes) if outcome == "dispatched"]
         logger.warning(
-            "Could not send %d handler messages to the broker (%s); releasing "
-            "their events for the next drain",
+            "Could not send %d handler messages to the broker (%s); %s",
             len(sent),
             exc,
+            _GIVE_BACK[_holds(outbox)],
         )
         for index in sent:
-            outbox.store.release(leases[index])
-            outcomes[index] = "released"
+            outcomes[index] = _give_back(outbox, leases[index])
     if error is not None:
         raise error
     return outcomes
@@ -296,9 +300,10 @@ def _dispatch_batch(
 def dispatch(outbox: Outbox, lease: Lease, *, producer: Any = None) -> str:
     """Send the handler task for one leased event.
 
-    Returns ``dispatched``, ``failed`` (no handler for its type) or
+    Returns ``dispatched``, ``failed`` (no handler for its type),
     ``released`` (the broker refused the message; the event is due again
-    without losing an attempt). ``producer``: a kombu producer to send
+    without losing an attempt) or ``held`` (the same, once the lease
+    expires: see :func:`_give_back`). ``producer``: a kombu producer to send
     with, instead of one taken from the app's pool for this message.
     """
     event = lease.event
@@ -345,14 +350,43 @@ def dispatch(outbox: Outbox, lease: Lease, *, producer: Any = None) -> str:
         )
     except Exception as exc:  # any broker error: give the lease back
         logger.warning(
-            "Could not dispatch event %r (%s): %s; releasing it for the next drain",
+            "Could not dispatch event %r (%s): %s; %s",
             event.id,
             event.type,
             exc,
+            _GIVE_BACK[_holds(outbox)],
         )
-        outbox.store.release(lease)
-        return "released"
+        return _give_back(outbox, lease)
     return "dispatched"
+
+
+_GIVE_BACK = {
+    False: "releasing the events for the next drain",
+    True: "their leases will expire and the events be sent again",
+}
+
+
+def _holds(outbox: Outbox) -> bool:
+    # Whether a handler may start before its start mark is written
+    # (HandlerTask.may_defer): only in partiql mode.
+    return outbox.config.write_mode is WriteMode.PARTIQL
+
+
+def _give_back(outbox: Outbox, lease: Lease) -> str:
+    """Undo a dispatch whose send failed: ``released`` or ``held``.
+
+    A failed send may still have reached the broker. Where every handler
+    start is a conditional write, a copy that arrived finds its lease gone
+    and skips itself, so the lease is released and the event is due now.
+    Where a start may be deferred (``partiql``), such a copy would run
+    without that check beside the event's next lease; the lease is held
+    instead, and its expiry sends the event again (as for a lost message,
+    without using an attempt), whichever copy arrived.
+    """
+    if _holds(outbox):
+        return "held"
+    outbox.store.release(lease)
+    return "released"
 
 
 def _routing(outbox: Outbox, task: Any, args: list[Any]) -> dict[str, Any]:

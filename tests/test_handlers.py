@@ -264,7 +264,7 @@ class TestDispatchBatch:
         sent: list[dict[str, Any]] = []
 
         def send(**kwargs: Any) -> None:
-            assert producer.batches == ["open"], "sent outside the batch"
+            assert producer.batches[-1:] == ["open"], "sent outside the batch"
             sent.append(kwargs)
 
         monkeypatch.setattr(handle, "apply_async", send)
@@ -282,6 +282,35 @@ class TestDispatchBatch:
         assert producer.batches == ["open", "flushed"]
         assert all(message["producer"] is producer for message in sent)
         assert {m["args"][0]["id"] for m in sent} == {e.id for e in emitted}
+
+    def test_failed_batch_holds_its_leases_where_starts_are_deferred(
+        self, ddb_local_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """In partiql mode a copy that arrived anyway keeps the event's lease.
+
+        Its start may be deferred, so it would not notice a new lease: the
+        lease is held until it expires, and then sent again unused.
+        """
+        outbox = eager_outbox(ddb_local_endpoint, write_mode="partiql")
+        try:
+            producer = FakeProducer(fail_flush=True)
+            self.use(outbox, monkeypatch, producer)
+            emitted = outbox.emit("order.created")
+            summary = outbox.drain()
+            assert (summary["dispatched"], summary["held"]) == (0, 1)
+            stored = item(outbox, emitted.id)
+            assert stored["status"]["S"] == "active"
+            assert "runningSince" not in stored
+            # At the lease's expiry the event is sent again, no attempt used.
+            deadline = int(stored["gsiSortKey"]["N"])
+            outbox.store.clock = lambda: deadline + 1
+            outbox.writer.batches._expired_checked_ms = 0  # type: ignore[attr-defined]
+            producer.fail_flush = False
+            summary = outbox.drain()
+            assert summary["dispatched"] == 1, summary
+            assert item(outbox, emitted.id)["retryCount"]["N"] == "0"
+        finally:
+            outbox.store.delete_table()
 
     def test_failed_batch_releases_its_leases(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
