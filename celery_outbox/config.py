@@ -125,12 +125,13 @@ class OutboxConfig:
     # -- performance (docs/performance.md) --------------------------------
 
     write_mode: WriteMode = WriteMode.ITEM
-    """``item`` or ``partiql``: claims and completions one request each, or
-    batched in conditional PartiQL statements (fewer requests per event)."""
+    """``item`` or ``partiql``: claims, handler starts and completions one
+    request each, or batched in conditional PartiQL statements (fewer
+    requests per event)."""
 
     flush_interval_ms: int = 50
-    """``partiql``: how long a worker buffers completions before writing them
-    together (sooner when 25 are waiting)."""
+    """``partiql``: how long a worker buffers completions and handler start
+    marks before writing them together (sooner when 25 are waiting)."""
 
     busy_poll_interval_ms: int = 100
     """While drains keep finding events, the next one runs after this instead
