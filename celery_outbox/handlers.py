@@ -18,7 +18,7 @@ losing an attempt.
 
 The start mark (:meth:`HandlerTask.before_start`) is a conditional write.
 In ``partiql`` mode, in a prefork child, for a message that arrives in the
-first half of its lease and was sent once, the handler runs at once and
+first half of its lease and was sent once (and not ``acks_late``), the handler runs at once and
 the mark waits to be written with other write-backs; a completion that
 comes first replaces it. That saves a request per event; what it gives
 up is narrow: if the whole worker (main process included) dies within
@@ -168,12 +168,20 @@ class HandlerTask(Task):  # type: ignore[misc]
         Only when losing the mark cannot lose the attempt's count or run the
         event twice: in a prefork child (the main process reports a lost
         child, :class:`HandlerRequest`), for a message sent once (a resent
-        lease has another copy that may start too), arriving in the first
+        lease has another copy that may start too) and acknowledged early
+        (``acks_late`` lets the broker deliver it again), arriving in the first
         half of its lease (no drain reclaims it before its deadline, unless
         the drain's clock is ahead by half a lease). Otherwise the start is
         written, conditionally, before the handler runs.
         """
         if lease.resent or not writeback.in_pool_child():
+            return False
+        # A message acknowledged late can be delivered again with the same
+        # lease: requeued for a lost child (reject_on_worker_lost) or a hard
+        # time limit, by Reject(requeue=True), or after a lost connection.
+        # Such a copy must first win the conditional start.
+        delivery_info = getattr(self.request, "delivery_info", None) or {}
+        if self.acks_late or delivery_info.get("redelivered"):
             return False
         if not issubclass(_resolve(self.Request), HandlerRequest):
             return False

@@ -404,6 +404,33 @@ class TestWriteBack:
         outbox.store.clock = lambda: lease.deadline_ms - half  # arrived late
         assert not handle.may_defer(lease)
 
+    def test_start_is_not_deferred_for_a_message_that_can_come_back(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """acks_late (requeue on a lost child, Reject) or a redelivery: no deferral.
+
+        Another copy of the same message, under the same lease, may arrive;
+        only the conditional start written before the handler refuses it.
+        """
+        from celery_outbox import writeback
+
+        @outbox.handler("order.created", acks_late=True, reject_on_worker_lost=True)
+        def late(event: Event) -> None: ...
+
+        @outbox.handler("order.updated")
+        def early(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        monkeypatch.setattr(writeback, "_pool_child", True)
+        assert not late.may_defer(lease)
+        early.push_request(delivery_info={"redelivered": True})
+        try:
+            assert not early.may_defer(lease)
+        finally:
+            early.pop_request()
+        assert early.may_defer(lease)
+
     def test_stale_write_back_changes_nothing(self, outbox: Outbox) -> None:
         """A late success under a reclaimed lease leaves the new lease alone."""
 
