@@ -21,8 +21,9 @@ In ``partiql`` mode, in a prefork child, for a message that arrives in the
 first half of its lease and was sent once (and not ``acks_late``), the
 handler runs at once and the mark waits to be written with other
 write-backs; a completion that comes first replaces it. That saves a
-request per event; what it gives up is narrow: if the whole worker (main process included) dies within
-``flush_interval_ms`` of such a start, the attempt is not counted.
+request per event; what it gives up is narrow: if the whole worker (main
+process included) dies within ``flush_interval_ms`` of such a start, the
+attempt is not counted.
 
 Celery's own retries are the outbox's:
 
