@@ -186,8 +186,12 @@ class HandlerTask(Task):  # type: ignore[misc]
             return False
         if not issubclass(_resolve(self.Request), HandlerRequest):
             return False
-        half_lease = self.outbox.config.processing_timeout_ms // 2
-        return self.outbox.store.clock() < lease.deadline_ms - half_lease
+        config = self.outbox.config
+        half_lease = config.processing_timeout_ms // 2
+        # The mark may wait up to flush_interval_ms: it must still land in
+        # the first half of the lease.
+        landed_by = self.outbox.store.clock() + config.flush_interval_ms
+        return landed_by < lease.deadline_ms - half_lease
 
     def lost(self, lease: Lease, reason: BaseException) -> None:
         """Fail ``lease``'s attempt: its worker child was lost running it.

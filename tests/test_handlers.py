@@ -404,6 +404,38 @@ class TestWriteBack:
         outbox.store.clock = lambda: lease.deadline_ms - half  # arrived late
         assert not handle.may_defer(lease)
 
+    def test_a_deferred_start_lands_before_the_lease_can_be_sent_again(
+        self, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A mark that waits up to ``flush_interval_ms`` must still land in time.
+
+        With a flush interval near half the lease, a handler that started in
+        the first half gets its mark after the deadline: a drain has sent the
+        lease again (same token, unstarted) and that copy runs beside it.
+        """
+        from celery_outbox import writeback
+
+        outbox = eager_outbox(
+            moto_endpoint, processing_timeout_ms=10_000, flush_interval_ms=8_000
+        )
+        try:
+
+            @outbox.handler("order.created")
+            def handle(event: Event) -> None: ...
+
+            outbox.emit("order.created")
+            (lease,) = outbox.store.claim().leases
+            monkeypatch.setattr(writeback, "_pool_child", True)
+            # 1 s into a 10 s lease: the mark would land at 9 s, 1 s before
+            # the deadline at best, after it with any delay in the flusher.
+            outbox.store.clock = lambda: lease.deadline_ms - 9_000
+            assert not handle.may_defer(lease)
+            # Even at the claim, an 8 s wait leaves less than half the lease.
+            outbox.store.clock = lambda: lease.deadline_ms - 10_000
+            assert not handle.may_defer(lease)
+        finally:
+            outbox.store.delete_table()
+
     def test_start_is_not_deferred_for_a_message_that_can_come_back(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -261,3 +261,30 @@ def test_a_requeued_message_does_not_run_under_its_failed_lease(
     assert stored["retryCount"]["N"] == "1"  # the lost attempt counted
     # Attempt 1 ran once (and was lost); its requeued copy was refused.
     assert [c["attempt"] for c in calls] == [1, 2]
+
+
+@pytest.mark.parametrize("write_mode", ["item", "partiql"])
+def test_hard_time_limit_fails_the_attempt_once(
+    run_worker: StartWorker, write_mode: str
+) -> None:
+    """A child killed for its hard time limit: one failed attempt, reported at once."""
+    worker = run_worker(
+        pool="prefork",
+        concurrency=1,
+        timeout_ms=5_000,  # it.stuck's time limit: 4 s, then it sleeps 9 s
+        backoff_ms=200,
+        extra_env={"OUTBOX_IT_WRITE_MODE": write_mode},
+    )
+    outbox = worker.outbox
+    event = outbox.emit("it.stuck", {"order": "o-limit"})
+    wait_for(
+        lambda: settled(outbox, event.id, Status.COMPLETED),
+        timeout_s=90,
+        what="the retry and its completion",
+    )
+    calls = worker.calls_of(event.id)
+    assert [c["attempt"] for c in calls] == [1, 2]
+    stored = item(outbox, event.id)
+    assert stored["retryCount"]["N"] == "1"
+    assert stored["lastError"]["S"].startswith("WorkerLost: TimeLimitExceeded")
+    assert "Hard time limit" in worker.log_text()
