@@ -236,11 +236,16 @@ class WriteBuffer:
             if len(self._pending) in (1, BATCH_LIMIT):
                 self._cond.notify_all()
 
-    def _take_locked(self, limit: int) -> list[tuple[str, Lease]]:
+    def _take_locked(
+        self, limit: int, *, writing: bool = False
+    ) -> list[tuple[str, Lease]]:
         taken = []
         for event_id in list(self._pending)[:limit]:
             _, kind, lease = self._pending.pop(event_id)
             taken.append((kind, lease))
+            if writing and kind == _START:
+                # from here on, a discard must know its start is in flight
+                self._writing.add(lease.token)
         return taken
 
     def take(self, limit: int) -> tuple[list[Lease], list[Lease]]:
@@ -271,7 +276,7 @@ class WriteBuffer:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch = self._take_locked(BATCH_LIMIT)
+                batch = self._take_locked(BATCH_LIMIT, writing=True)
                 self._busy = True
             try:
                 self._write(*_split(batch))
@@ -287,8 +292,6 @@ class WriteBuffer:
         dropped start mark would leave a running handler's lease looking
         unstarted, to be sent again, and run twice, at its deadline.
         """
-        with self._cond:
-            self._writing.update(lease.token for lease in starts)
         failed: BaseException | None = None
         missed: list[Lease] = []
         try:
@@ -339,7 +342,7 @@ class WriteBuffer:
             with self._cond:
                 while self._busy:
                     self._cond.wait()
-                batch = self._take_locked(BATCH_LIMIT)
+                batch = self._take_locked(BATCH_LIMIT, writing=True)
             if not batch or not self._write(*_split(batch)):
                 return
 

@@ -394,3 +394,34 @@ def test_a_deferred_start_survives_a_failed_flush(
     assert found is not None and ev.RUNNING_SINCE in found
     # so a copy sent again under the same lease cannot start it
     assert writer.begin(lease) is None
+
+
+def test_a_failure_as_the_flush_takes_its_start_is_no_double_run_warning(
+    make: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler fails just as the flusher takes its start mark.
+
+    The failure is written and the mark then misses: expected, not the
+    "it may run twice" warning operators are told to look into.
+    """
+    import logging
+
+    from celery_outbox import writeback
+
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    writer.begin(lease, defer=True)
+    real_split = writeback._split
+
+    def fail_meanwhile(entries: Any) -> Any:
+        # the handler's failure, between the take and the write
+        writer.discard(lease)
+        assert store.fail(lease, "boom", delay_ms=0) is Outcome.RETRYING
+        return real_split(entries)
+
+    monkeypatch.setattr(writeback, "_split", fail_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="celery_outbox.writeback"):
+        writer.flush()
+    assert "may run twice" not in caplog.text
