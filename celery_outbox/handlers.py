@@ -352,28 +352,37 @@ class HandlerRequest(Request):  # type: ignore[misc]
     without waiting for the lease to expire.
     """
 
+    # The failure is written before Celery's handling, which may requeue the
+    # message (acks_late with reject_on_worker_lost, or a hard time limit
+    # without acks_on_timeout): a copy delivered before the failure would
+    # find the lease live and, unstarted, start it.
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Fail the attempt when the child was killed for its hard limit."""
-        super().on_timeout(soft, timeout)
-        if not soft:
-            self._report_lost(TimeLimitExceeded(timeout))
+        try:
+            if not soft:
+                self._report_lost(TimeLimitExceeded(timeout))
+        finally:
+            super().on_timeout(soft, timeout)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         """Fail the attempt when the child running it was lost."""
-        super().on_failure(exc_info, send_failed_event, return_ok)
         exc = exc_info.exception
         exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
         cancelled = getattr(self, "_already_cancelled", False) or getattr(
             self, "_already_revoked", False
         )
-        # Celery treats a child's SystemExit as a lost worker unless the
-        # worker itself cancelled or revoked the task.
-        if isinstance(exc, WorkerLostError) or (
-            isinstance(exc, SystemExit | KeyboardInterrupt) and not cancelled
-        ):
-            self._report_lost(exc)
+        try:
+            # Celery treats a child's SystemExit as a lost worker unless the
+            # worker itself cancelled or revoked the task.
+            if isinstance(exc, WorkerLostError) or (
+                isinstance(exc, SystemExit | KeyboardInterrupt) and not cancelled
+            ):
+                self._report_lost(exc)
+        finally:
+            super().on_failure(exc_info, send_failed_event, return_ok)
 
     def _report_lost(self, reason: BaseException) -> None:
         task = self.task

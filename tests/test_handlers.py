@@ -637,3 +637,44 @@ def test_handlers_report_lost_children_through_their_request_class() -> None:
     assert handlers.request_class(audited.Request) is audited.Request
     with pytest.raises(TypeError):
         handlers.request_class(object)
+
+
+def test_a_lost_child_is_failed_before_its_message_can_be_requeued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """acks_late + reject_on_worker_lost: Celery requeues the lost message.
+
+    The main process must write the lost attempt's failure first: a requeued
+    copy that arrives before it finds the lease live and, if the lost child
+    had not marked its start yet, starts it, and the failure written after
+    that reschedules the event under a running handler.
+    """
+    from billiard.einfo import ExceptionInfo
+    from celery.worker.request import Request
+
+    app = Celery("requeue-order", broker="memory://")
+    outbox = Outbox(app, table_name="t")
+
+    @outbox.handler("order.created", acks_late=True, reject_on_worker_lost=True)
+    def handle(event: Event) -> None: ...
+
+    task = app.tasks[handle.name]
+    order: list[str] = []
+
+    def celery_on_failure(self: Any, *args: Any, **kwargs: Any) -> None:
+        order.append("requeued")  # Celery's Request.on_failure rejects, requeue
+
+    monkeypatch.setattr(Request, "on_failure", celery_on_failure)
+    monkeypatch.setattr(
+        type(task), "lost", lambda self, lease, reason: order.append("failed")
+    )
+    request = task.Request.__new__(task.Request)
+    request._request_dict = {handlers.HEADER_LEASE: "tok", "args": []}
+    request._args = [Event.new("order.created").as_dict()]
+    monkeypatch.setattr(type(request), "task", property(lambda self: task))
+    try:
+        raise WorkerLostError("signal 9 (SIGKILL)")
+    except WorkerLostError:
+        exc_info = ExceptionInfo()
+    request.on_failure(exc_info)
+    assert order == ["failed", "requeued"]
