@@ -18,11 +18,12 @@ losing an attempt.
 
 The start mark (:meth:`HandlerTask.before_start`) is a conditional write.
 In ``partiql`` mode, in a prefork child, for a message that arrives in the
-first half of its lease and was sent once, the handler runs at once and
-the mark waits to be written with other write-backs; a completion that
-comes first replaces it. That saves a request per event; what it gives
-up is narrow: if the whole worker (main process included) dies within
-``flush_interval_ms`` of such a start, the attempt is not counted.
+first half of its lease and was sent once (and not ``acks_late``), the
+handler runs at once and the mark waits to be written with other
+write-backs; a completion that comes first replaces it. That saves a
+request per event; what it gives up is narrow: if the whole worker (main
+process included) dies within ``flush_interval_ms`` of such a start, the
+attempt is not counted.
 
 Celery's own retries are the outbox's:
 
@@ -168,17 +169,29 @@ class HandlerTask(Task):  # type: ignore[misc]
         Only when losing the mark cannot lose the attempt's count or run the
         event twice: in a prefork child (the main process reports a lost
         child, :class:`HandlerRequest`), for a message sent once (a resent
-        lease has another copy that may start too), arriving in the first
+        lease has another copy that may start too) and acknowledged early
+        (``acks_late`` lets the broker deliver it again), arriving in the first
         half of its lease (no drain reclaims it before its deadline, unless
         the drain's clock is ahead by half a lease). Otherwise the start is
         written, conditionally, before the handler runs.
         """
         if lease.resent or not writeback.in_pool_child():
             return False
+        # A message acknowledged late can be delivered again with the same
+        # lease: requeued for a lost child (reject_on_worker_lost) or a hard
+        # time limit, by Reject(requeue=True), or after a lost connection.
+        # Such a copy must first win the conditional start.
+        delivery_info = getattr(self.request, "delivery_info", None) or {}
+        if self.acks_late or delivery_info.get("redelivered"):
+            return False
         if not issubclass(_resolve(self.Request), HandlerRequest):
             return False
-        half_lease = self.outbox.config.processing_timeout_ms // 2
-        return self.outbox.store.clock() < lease.deadline_ms - half_lease
+        config = self.outbox.config
+        half_lease = config.processing_timeout_ms // 2
+        # The mark may wait up to flush_interval_ms: it must still land in
+        # the first half of the lease.
+        landed_by = self.outbox.store.clock() + config.flush_interval_ms
+        return landed_by < lease.deadline_ms - half_lease
 
     def lost(self, lease: Lease, reason: BaseException) -> None:
         """Fail ``lease``'s attempt: its worker child was lost running it.
@@ -339,28 +352,37 @@ class HandlerRequest(Request):  # type: ignore[misc]
     without waiting for the lease to expire.
     """
 
+    # The failure is written before Celery's handling, which may requeue the
+    # message (acks_late with reject_on_worker_lost, or a hard time limit
+    # without acks_on_timeout): a copy delivered before the failure would
+    # find the lease live and, unstarted, start it.
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Fail the attempt when the child was killed for its hard limit."""
-        super().on_timeout(soft, timeout)
-        if not soft:
-            self._report_lost(TimeLimitExceeded(timeout))
+        try:
+            if not soft:
+                self._report_lost(TimeLimitExceeded(timeout))
+        finally:
+            super().on_timeout(soft, timeout)
 
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
         """Fail the attempt when the child running it was lost."""
-        super().on_failure(exc_info, send_failed_event, return_ok)
         exc = exc_info.exception
         exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback
         cancelled = getattr(self, "_already_cancelled", False) or getattr(
             self, "_already_revoked", False
         )
-        # Celery treats a child's SystemExit as a lost worker unless the
-        # worker itself cancelled or revoked the task.
-        if isinstance(exc, WorkerLostError) or (
-            isinstance(exc, SystemExit | KeyboardInterrupt) and not cancelled
-        ):
-            self._report_lost(exc)
+        try:
+            # Celery treats a child's SystemExit as a lost worker unless the
+            # worker itself cancelled or revoked the task.
+            if isinstance(exc, WorkerLostError) or (
+                isinstance(exc, SystemExit | KeyboardInterrupt) and not cancelled
+            ):
+                self._report_lost(exc)
+        finally:
+            super().on_failure(exc_info, send_failed_event, return_ok)
 
     def _report_lost(self, reason: BaseException) -> None:
         task = self.task

@@ -236,11 +236,16 @@ class WriteBuffer:
             if len(self._pending) in (1, BATCH_LIMIT):
                 self._cond.notify_all()
 
-    def _take_locked(self, limit: int) -> list[tuple[str, Lease]]:
+    def _take_locked(
+        self, limit: int, *, writing: bool = False
+    ) -> list[tuple[str, Lease]]:
         taken = []
         for event_id in list(self._pending)[:limit]:
             _, kind, lease = self._pending.pop(event_id)
             taken.append((kind, lease))
+            if writing and kind == _START:
+                # from here on, a discard must know its start is in flight
+                self._writing.add(lease.token)
         return taken
 
     def take(self, limit: int) -> tuple[list[Lease], list[Lease]]:
@@ -271,7 +276,7 @@ class WriteBuffer:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                batch = self._take_locked(BATCH_LIMIT)
+                batch = self._take_locked(BATCH_LIMIT, writing=True)
                 self._busy = True
             try:
                 self._write(*_split(batch))
@@ -280,26 +285,41 @@ class WriteBuffer:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _write(self, starts: list[Lease], completions: list[Lease]) -> None:
-        with self._cond:
-            self._writing.update(lease.token for lease in starts)
+    def _write(self, starts: list[Lease], completions: list[Lease]) -> bool:
+        """Write these entries; False when DynamoDB refused the request.
+
+        Refused entries whose lease has not expired are queued again: a
+        dropped start mark would leave a running handler's lease looking
+        unstarted, to be sent again, and run twice, at its deadline.
+        """
+        failed: BaseException | None = None
+        missed: list[Lease] = []
         try:
             _, missed, _ = self.batches.write_back(starts, completions)
         except (OutboxError, OSError) as exc:
-            # The events stay leased: their deadline brings them back.
-            logger.warning(
-                "Could not write %d handler starts and %d completions (%s); "
-                "the leases will expire and the events will run again",
-                len(starts),
-                len(completions),
-                exc,
-            )
-            return
+            failed = exc
         finally:
             with self._cond:
                 settled = self._settled & {lease.token for lease in starts}
                 self._writing.difference_update(lease.token for lease in starts)
                 self._settled -= settled
+        if failed is not None:
+            now = self.batches.store.clock()
+            # a start whose failure was written meanwhile is moot
+            again = [s for s in starts if s.token not in settled]
+            again = [s for s in again if s.deadline_ms > now]
+            done = [c for c in completions if c.deadline_ms > now]
+            self.put_back(again, done)
+            logger.warning(
+                "Could not write %d handler starts and %d completions (%s); "
+                "%d are queued again, the others' leases will expire and their "
+                "events will run again",
+                len(starts),
+                len(completions),
+                failed,
+                len(again) + len(done),
+            )
+            return False
         for lease in missed:
             if lease.token in settled:
                 continue
@@ -310,17 +330,21 @@ class WriteBuffer:
                 lease.event.id,
                 lease.event.attempt,
             )
+        return True
 
     def flush(self) -> None:
-        """Write everything waiting now, in this thread; wait for the flusher."""
+        """Write everything waiting now, in this thread; wait for the flusher.
+
+        Stops at the first request DynamoDB refuses; what it could not write
+        stays queued for the flusher.
+        """
         while True:
             with self._cond:
                 while self._busy:
                     self._cond.wait()
-                batch = self._take_locked(BATCH_LIMIT)
-            if not batch:
+                batch = self._take_locked(BATCH_LIMIT, writing=True)
+            if not batch or not self._write(*_split(batch)):
                 return
-            self._write(*_split(batch))
 
 
 def _split(entries: list[tuple[str, Lease]]) -> tuple[list[Lease], list[Lease]]:

@@ -358,3 +358,70 @@ def test_waiting_write_backs_ride_with_a_written_start(make: Any) -> None:
         assert store.get_item(lease.event.id) is None
     for lease in first[5:]:
         assert ev.RUNNING_SINCE in (store.get_item(lease.event.id) or {})
+
+
+def test_a_deferred_start_survives_a_failed_flush(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush DynamoDB refuses (throttled, unreachable) keeps the waiting start.
+
+    The handler is already running: a start mark dropped here leaves the lease
+    looking unstarted, so at its deadline a drain sends it again under the
+    same token (``resent``), whose copy wins the start and runs beside the
+    first, and the attempt is never counted.
+    """
+    from celery_outbox.errors import StoreError
+
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    assert writer.begin(lease, defer=True) is lease  # the handler runs
+    real = writer.batches.write_back
+    refused: list[int] = []
+
+    def refuse_once(*args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(1)
+            raise StoreError("DynamoDB kept throttling", "ThrottlingError")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer.batches, "write_back", refuse_once)
+    writer.flush()  # refused
+    assert refused
+    writer.flush()  # DynamoDB answers again
+    found = store.get_item(lease.event.id)
+    assert found is not None and ev.RUNNING_SINCE in found
+    # so a copy sent again under the same lease cannot start it
+    assert writer.begin(lease) is None
+
+
+def test_a_failure_as_the_flush_takes_its_start_is_no_double_run_warning(
+    make: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler fails just as the flusher takes its start mark.
+
+    The failure is written and the mark then misses: expected, not the
+    "it may run twice" warning operators are told to look into.
+    """
+    import logging
+
+    from celery_outbox import writeback
+
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    writer.begin(lease, defer=True)
+    real_split = writeback._split
+
+    def fail_meanwhile(entries: Any) -> Any:
+        # the handler's failure, between the take and the write
+        writer.discard(lease)
+        assert store.fail(lease, "boom", delay_ms=0) is Outcome.RETRYING
+        return real_split(entries)
+
+    monkeypatch.setattr(writeback, "_split", fail_meanwhile)
+    with caplog.at_level(logging.WARNING, logger="celery_outbox.writeback"):
+        writer.flush()
+    assert "may run twice" not in caplog.text

@@ -577,6 +577,65 @@ class TestWriteBack:
         outbox.store.clock = lambda: lease.deadline_ms - half  # arrived late
         assert not handle.may_defer(lease)
 
+    def test_a_deferred_start_lands_before_the_lease_can_be_sent_again(
+        self, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A mark that waits up to ``flush_interval_ms`` must still land in time.
+
+        With a flush interval near half the lease, a handler that started in
+        the first half gets its mark after the deadline: a drain has sent the
+        lease again (same token, unstarted) and that copy runs beside it.
+        """
+        from celery_outbox import writeback
+
+        outbox = eager_outbox(
+            moto_endpoint, processing_timeout_ms=10_000, flush_interval_ms=8_000
+        )
+        try:
+
+            @outbox.handler("order.created")
+            def handle(event: Event) -> None: ...
+
+            outbox.emit("order.created")
+            (lease,) = outbox.store.claim().leases
+            monkeypatch.setattr(writeback, "_pool_child", True)
+            # 1 s into a 10 s lease: the mark would land at 9 s, 1 s before
+            # the deadline at best, after it with any delay in the flusher.
+            outbox.store.clock = lambda: lease.deadline_ms - 9_000
+            assert not handle.may_defer(lease)
+            # Even at the claim, an 8 s wait leaves less than half the lease.
+            outbox.store.clock = lambda: lease.deadline_ms - 10_000
+            assert not handle.may_defer(lease)
+        finally:
+            outbox.store.delete_table()
+
+    def test_start_is_not_deferred_for_a_message_that_can_come_back(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """acks_late (requeue on a lost child, Reject) or a redelivery: no deferral.
+
+        Another copy of the same message, under the same lease, may arrive;
+        only the conditional start written before the handler refuses it.
+        """
+        from celery_outbox import writeback
+
+        @outbox.handler("order.created", acks_late=True, reject_on_worker_lost=True)
+        def late(event: Event) -> None: ...
+
+        @outbox.handler("order.updated")
+        def early(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        monkeypatch.setattr(writeback, "_pool_child", True)
+        assert not late.may_defer(lease)
+        early.push_request(delivery_info={"redelivered": True})
+        try:
+            assert not early.may_defer(lease)
+        finally:
+            early.pop_request()
+        assert early.may_defer(lease)
+
     def test_stale_write_back_changes_nothing(self, outbox: Outbox) -> None:
         """A late success under a reclaimed lease leaves the new lease alone."""
 
@@ -751,3 +810,44 @@ def test_handlers_report_lost_children_through_their_request_class() -> None:
     assert handlers.request_class(audited.Request) is audited.Request
     with pytest.raises(TypeError):
         handlers.request_class(object)
+
+
+def test_a_lost_child_is_failed_before_its_message_can_be_requeued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """acks_late + reject_on_worker_lost: Celery requeues the lost message.
+
+    The main process must write the lost attempt's failure first: a requeued
+    copy that arrives before it finds the lease live and, if the lost child
+    had not marked its start yet, starts it, and the failure written after
+    that reschedules the event under a running handler.
+    """
+    from billiard.einfo import ExceptionInfo
+    from celery.worker.request import Request
+
+    app = Celery("requeue-order", broker="memory://")
+    outbox = Outbox(app, table_name="t")
+
+    @outbox.handler("order.created", acks_late=True, reject_on_worker_lost=True)
+    def handle(event: Event) -> None: ...
+
+    task = app.tasks[handle.name]
+    order: list[str] = []
+
+    def celery_on_failure(self: Any, *args: Any, **kwargs: Any) -> None:
+        order.append("requeued")  # Celery's Request.on_failure rejects, requeue
+
+    monkeypatch.setattr(Request, "on_failure", celery_on_failure)
+    monkeypatch.setattr(
+        type(task), "lost", lambda self, lease, reason: order.append("failed")
+    )
+    request = task.Request.__new__(task.Request)
+    request._request_dict = {handlers.HEADER_LEASE: "tok", "args": []}
+    request._args = [Event.new("order.created").as_dict()]
+    monkeypatch.setattr(type(request), "task", property(lambda self: task))
+    try:
+        raise WorkerLostError("signal 9 (SIGKILL)")
+    except WorkerLostError:
+        exc_info = ExceptionInfo()
+    request.on_failure(exc_info)
+    assert order == ["failed", "requeued"]

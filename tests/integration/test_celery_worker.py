@@ -230,3 +230,61 @@ def test_worker_refuses_settings_that_run_events_twice(
     assert "Outbox start-up check: error: broker_transport_options" in log
     assert "visibility_timeout of 20 s" in log
     assert worker.calls() == []
+
+
+@pytest.mark.parametrize("write_mode", ["item", "partiql"])
+def test_a_requeued_message_does_not_run_under_its_failed_lease(
+    run_worker: StartWorker, write_mode: str
+) -> None:
+    """acks_late + reject_on_worker_lost: the broker delivers the lost message again.
+
+    The main process fails the lost attempt (the lease is gone) and Celery
+    requeues the same message. That copy must not run the handler: its lease
+    was written back. The next attempt comes from the drain, after the backoff.
+    """
+    worker = run_worker(
+        pool="prefork",
+        concurrency=1,
+        timeout_ms=20_000,
+        backoff_ms=3_000,
+        extra_env={"OUTBOX_IT_WRITE_MODE": write_mode},
+    )
+    outbox = worker.outbox
+    event = outbox.emit("it.requeued", {"order": "o-requeued"})
+    wait_for(
+        lambda: settled(outbox, event.id, Status.COMPLETED),
+        timeout_s=60,
+        what="the retry and its completion",
+    )
+    calls = worker.calls_of(event.id)
+    stored = item(outbox, event.id)
+    assert stored["retryCount"]["N"] == "1"  # the lost attempt counted
+    # Attempt 1 ran once (and was lost); its requeued copy was refused.
+    assert [c["attempt"] for c in calls] == [1, 2]
+
+
+@pytest.mark.parametrize("write_mode", ["item", "partiql"])
+def test_hard_time_limit_fails_the_attempt_once(
+    run_worker: StartWorker, write_mode: str
+) -> None:
+    """A child killed for its hard time limit: one failed attempt, reported at once."""
+    worker = run_worker(
+        pool="prefork",
+        concurrency=1,
+        timeout_ms=5_000,  # it.stuck's time limit: 4 s, then it sleeps 9 s
+        backoff_ms=200,
+        extra_env={"OUTBOX_IT_WRITE_MODE": write_mode},
+    )
+    outbox = worker.outbox
+    event = outbox.emit("it.stuck", {"order": "o-limit"})
+    wait_for(
+        lambda: settled(outbox, event.id, Status.COMPLETED),
+        timeout_s=90,
+        what="the retry and its completion",
+    )
+    calls = worker.calls_of(event.id)
+    assert [c["attempt"] for c in calls] == [1, 2]
+    stored = item(outbox, event.id)
+    assert stored["retryCount"]["N"] == "1"
+    assert stored["lastError"]["S"].startswith("WorkerLost: TimeLimitExceeded")
+    assert "Hard time limit" in worker.log_text()

@@ -112,3 +112,23 @@ def stuck(self: Task, event: Event) -> None:
     record(self, event)
     if event.attempt == 1:
         time.sleep(LIMIT_S + 5)
+
+
+@outbox.handler(
+    "it.requeued",
+    bind=True,
+    time_limit=LIMIT_S,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def requeued(self: Task, event: Event) -> None:
+    """Kill the pool child on the first delivery of attempt 1.
+
+    ``acks_late`` with ``reject_on_worker_lost``: Celery's main process puts
+    the message of the lost child back in the queue, and the same message
+    (same lease token, not resent) is delivered again.
+    """
+    record(self, event)
+    key = f"{CALLS}:deliveries:{event.id}:{event.attempt}"
+    if event.attempt == 1 and _redis.incr(key) == 1:
+        os.kill(os.getpid(), 9)
