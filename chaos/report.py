@@ -143,14 +143,20 @@ def _classify(
 
     ``earlier``'s lease was live for at least a processing timeout after it
     began (its start mark restarted the deadline), or, with a deferred start
-    mark, until the claim's deadline, as the fastest clock sees it; a run of
-    the event starting within that time, before ``earlier`` wrote back,
-    started under a second live lease.
+    mark, until the claim's deadline if that is sooner, as the fastest clock
+    sees it; a run of the event starting within that time, before
+    ``earlier`` wrote back, started under a second live lease.
     """
     skew = max(skew_ms, 0)
     live_until = None
     if earlier.deferred and earlier.deadline is not None:
+        # Unmarked, the lease ends at the claim's deadline; marked, a
+        # processing timeout after the mark (after ``began``), by the
+        # worker's clock, which may be earlier when a drainer whose clock
+        # runs ahead made the claim.
         live_until = int(earlier.deadline) - skew
+        if earlier.began is not None:
+            live_until = min(live_until, earlier.began + timeout_ms - skew)
     elif earlier.began is not None:
         live_until = earlier.began + timeout_ms - skew
     # A buffered completion may have died with its process: its lease ended

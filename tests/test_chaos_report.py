@@ -249,7 +249,7 @@ def test_a_deferred_start_keeps_only_the_claims_deadline() -> None:
     """With a deferred start mark, a run after the claim's deadline is no overlap."""
     first = run("e", "a", 1, 100, outcome="buffered")
     first[0]["deferred"] = True
-    first[1]["deadline"] = 5_000
+    first[1]["deadline"] = 5_000  # sooner than began + TIMEOUT
     records = [emitted("e"), *first, *run("e", "b", 2, 5_100)]
     records.append({"k": "kill", "victim": 1, "t": 150, "pid": 0})
     figures = analyse(
@@ -261,3 +261,16 @@ def test_a_deferred_start_keeps_only_the_claims_deadline() -> None:
         records, {"e": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
     )
     assert figures["overlapping_leases"] == 1
+
+
+def test_a_deferred_mark_may_end_a_skewed_claims_lease_sooner() -> None:
+    """A mark restarts the lease by the worker's clock, maybe before the claim's."""
+    first = run("e", "a", 1, 100, outcome="buffered")
+    first[0]["deferred"] = True
+    first[1]["deadline"] = 50_000  # claimed by a drainer whose clock runs ahead
+    records = [emitted("e"), *first, *run("e", "b", 2, 100 + TIMEOUT)]
+    records.append({"k": "kill", "victim": 1, "t": 150, "pid": 0})
+    figures = analyse(
+        records, {"e": item("completed")}, set(), skew_ms=0, timeout_ms=TIMEOUT
+    )
+    assert figures["overlapping_leases"] == 0
