@@ -216,7 +216,7 @@ def analyse(
     errored: list[str] = []
     faults: Counter[str] = Counter()
     killed: set[int] = set()
-    kills = restarts = skips = 0
+    kills = restarts = skips = respawns = 0
     drains: Counter[str] = Counter()
     for rec in records:
         kind = rec["k"]
@@ -233,6 +233,8 @@ def analyse(
             kills += 1
         elif kind == "redis-restart":
             restarts += 1
+        elif kind == "respawn":
+            respawns += 1
         elif kind == "skip":
             skips += 1
         elif kind == "drain":
@@ -338,6 +340,7 @@ def analyse(
         "faults": {k: faults[k] for k in sorted(faults)},
         "worker_children_killed": kills,
         "redis_restarts": restarts,
+        "processes_restarted": respawns,
         "drains": dict(drains),
         "orders": len(orders),
         "problems": problems,

@@ -129,6 +129,19 @@ class Processes:
         self.folder = folder
         self.env = env
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.specs: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def revive(self, names: list[str]) -> list[str]:
+        """Start again each of ``names`` that has exited, as a supervisor
+        (systemd, Kubernetes) would; return the names started again."""
+        revived = []
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is not None:
+                args, env = self.specs[name]
+                self.spawn(name, args, **env)
+                revived.append(name)
+        return revived
 
     def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         """Start ``args`` as ``name``, logging to ``<folder>/<name>.log``."""
@@ -142,6 +155,7 @@ class Processes:
             start_new_session=True,
         )
         self.procs[name] = proc
+        self.specs[name] = (args, env)
         return proc
 
     def stop(self, deadline_s: float = 30) -> None:
@@ -293,6 +307,7 @@ class ChaosRun:
         restart_at: float | None = started + 0.4 * args.events / args.rate
         next_kill = started + self.rng.uniform(0.5, 1.5) * args.kill_every_s
         while emitter.poll() is None:
+            self.supervise()
             now = time.monotonic()
             if restart_at is not None and now >= restart_at:
                 self.restart_redis()
@@ -306,6 +321,18 @@ class ChaosRun:
                 emitter.wait(max(0.01, wake - time.monotonic()))
         if restart_at is not None:
             self.restart_redis()
+
+    def supervise(self) -> None:
+        """Start again any worker, beat or drainer that exited.
+
+        kombu can end a worker when its broker restarts; in production a
+        supervisor starts it again, and so does the run (``respawn`` records).
+        """
+        names = [f"worker{n}" for n in (1, 2)] + ["beat1", "beat2", "drainer"]
+        for name in self.procs.revive(names):
+            self.say(f"{name} exited; starting it again")
+            self.note("respawn", name=name)
+        self.workers = [self.procs.procs[f"worker{n}"] for n in (1, 2)]
 
     def restart_redis(self) -> None:
         """Restart the broker: every message it held is gone."""
@@ -327,6 +354,7 @@ class ChaosRun:
         """Wait, with a deadline, until no event is created or active."""
 
         def settled() -> bool:
+            self.supervise()
             counts = store.stats().counts
             return counts[Status.CREATED.value] + counts[Status.ACTIVE.value] == 0
 
