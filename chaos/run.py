@@ -439,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[chaos] {message}", file=sys.stderr, flush=True)
 
+    def stop(signum: int, frame: Any) -> None:
+        # The processes run in sessions of their own: a SIGTERM (a test
+        # runner's timeout, Ctrl-C in another shell) must still reach the
+        # clean-up below, or they outlive the run and may later meet
+        # another run's Redis on a reused port.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         figures = ChaosRun(args, folder, say).run()
     finally:
