@@ -132,13 +132,7 @@ class HandlerTask(Task):  # type: ignore[misc]
         or sent by hand), so nothing is written back.
         """
         request = self.request
-        token = _header(request, HEADER_LEASE)
-        if token is None or not args:
-            return None
-        event = _event(args[0])
-        deadline = int(_header(request, HEADER_DEADLINE) or 0)
-        resent = bool(_header(request, HEADER_RESENT))
-        return Lease(event, str(token), deadline, 0, resent=resent)
+        return _lease(lambda name: _header(request, name), args)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Start the attempt under its lease, or skip it if the lease is gone.
@@ -386,17 +380,14 @@ class HandlerRequest(Request):  # type: ignore[misc]
 
     def _report_lost(self, reason: BaseException) -> None:
         task = self.task
-        headers = self._request_dict
-        token = headers.get(HEADER_LEASE)
-        if not isinstance(task, HandlerTask) or token is None:
+        if not isinstance(task, HandlerTask):
             return
         try:
-            args = self.args
-            event = _event(args[0])
+            lease = _lease(self._request_dict.get, self.args)
         except Exception:  # a message that was never a drain's
             return
-        deadline = int(headers.get(HEADER_DEADLINE) or 0)
-        task.lost(Lease(event, str(token), deadline, 0), reason)
+        if lease is not None:
+            task.lost(lease, reason)
 
 
 def request_class(base: Any) -> type[HandlerRequest]:
@@ -417,6 +408,16 @@ def _resolve(cls: Any) -> type:
     if not (isinstance(resolved, type) and issubclass(resolved, Request)):
         raise TypeError(f"expected a Celery Request class, got {cls!r}")
     return resolved
+
+
+def _lease(header: Callable[[str], Any], args: Any) -> Lease | None:
+    """The lease a handler message carries in its headers and first argument."""
+    token = header(HEADER_LEASE)
+    if token is None or not args:
+        return None
+    deadline = int(header(HEADER_DEADLINE) or 0)
+    resent = bool(header(HEADER_RESENT))
+    return Lease(_event(args[0]), str(token), deadline, 0, resent=resent)
 
 
 def _header(request: Any, name: str) -> Any:

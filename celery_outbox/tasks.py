@@ -17,7 +17,6 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from celery_outbox import checks, handlers, management, nudge, redaction
-from celery_outbox.config import WriteMode
 from celery_outbox.errors import HandlerError, OutboxError
 from celery_outbox.event import Lease
 from celery_outbox.store import Outcome
@@ -368,8 +367,8 @@ _GIVE_BACK = {
 
 def _holds(outbox: Outbox) -> bool:
     # Whether a handler may start before its start mark is written
-    # (HandlerTask.may_defer): only in partiql mode.
-    return outbox.config.write_mode is WriteMode.PARTIQL
+    # (HandlerTask.may_defer), by the write mode's writer.
+    return outbox.writer.defers_starts
 
 
 def _give_back(outbox: Outbox, lease: Lease) -> str:

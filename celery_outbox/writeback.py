@@ -62,6 +62,9 @@ class Writer(Protocol):
     """What the drain and the handlers need from a write mode."""
 
     store: OutboxStore
+    #: Whether ``begin(defer=True)`` may let a handler start before its mark
+    #: is written (so a stray copy of its message would not be refused).
+    defers_starts: bool
 
     def claim(self) -> ClaimResult:
         """Lease a batch of due events."""
@@ -90,6 +93,8 @@ class Writer(Protocol):
 
 class ItemWriter:
     """One conditional request per claim and per completion (the store's)."""
+
+    defers_starts = False
 
     def __init__(self, store: OutboxStore) -> None:
         self.store = store
@@ -355,6 +360,8 @@ def _split(entries: list[tuple[str, Lease]]) -> tuple[list[Lease], list[Lease]]:
 
 class BatchWriter:
     """Claims, starts and completions in conditional PartiQL batches."""
+
+    defers_starts = True
 
     def __init__(self, store: OutboxStore) -> None:
         self.store = store
