@@ -193,6 +193,25 @@ def _classify(
     return f"unexplained: a live write-back ({earlier.outcome}) came first", overlap
 
 
+def _story(event_id: str, item: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """An event's final item and every record naming it, for a failure message."""
+    fields = {
+        name: next(iter(value.values()))
+        for name, value in item.items()
+        if name in ("status", "gsiSortKey", "leaseToken", "runningSince",
+                    "retryCount", "lastError", "startedOn")
+    }  # fmt: skip
+    seen = [
+        f"{r['k']}@{r['t']}/{r['pid']}"
+        + "".join(
+            f" {k}={r[k]}" for k in ("token", "outcome", "what", "error") if k in r
+        )
+        for r in records
+        if r.get("id") == event_id
+    ]
+    return f"{event_id} {fields} records: {seen}"
+
+
 def analyse(
     records: list[dict[str, Any]],
     table: dict[str, dict[str, Any]],
@@ -304,7 +323,13 @@ def analyse(
             f"without a successful handler run {completed_unhandled[:5]}"
         )
     if pending:
-        problems.append(f"{pending} events still pending at the end")
+        stuck = sorted(
+            i
+            for i in expected
+            if table.get(i, {}).get("status", {}).get("S") in PENDING
+        )
+        stories = "; ".join(_story(i, table[i], records) for i in stuck[:3])
+        problems.append(f"{pending} events still pending at the end: {stories}")
     if unexplained:
         problems.append(f"{unexplained} duplicate invocations unexplained")
     if overlaps:

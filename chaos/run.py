@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 from celery_outbox import OutboxConfig, OutboxStore, Status  # noqa: E402
 from celery_outbox.testing import DynamoDBLocal, fake_credentials, free_port  # noqa: E402
 from chaos.record import Recorder, read_all  # noqa: E402
-from chaos.report import analyse  # noqa: E402
+from chaos.report import PENDING, analyse  # noqa: E402
 
 __all__ = ["ChaosRun", "main"]
 
@@ -232,7 +232,19 @@ class ChaosRun:
         )
         figures["seconds"] = round(took)
         figures["settings"] = self.settings()
+        stuck = [i for i, item in table.items() if item["status"]["S"] in PENDING]
+        if stuck:
+            figures["pending_log"] = self.log_lines(stuck[:3])
         return figures
+
+    def log_lines(self, event_ids: list[str], limit: int = 40) -> list[str]:
+        """The processes' log lines that name any of ``event_ids``."""
+        found = []
+        for log in sorted(self.folder.glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if any(i in line for i in event_ids):
+                    found.append(f"{log.stem}: {line.strip()[:400]}")
+        return found[-limit:]
 
     def set_up(self) -> OutboxStore:
         """DynamoDB Local with the outbox and orders tables, and Redis."""
