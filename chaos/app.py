@@ -49,6 +49,7 @@ WORK_MS = int(_env("WORK_MS", "20"))
 
 _faults = FaultInjector(float(_env("FAULT_RATE", "0")), record)
 boto3.setup_default_session()
+assert boto3.DEFAULT_SESSION is not None  # just set up
 _faults.install(boto3.DEFAULT_SESSION.events)
 
 
@@ -162,13 +163,13 @@ handlers = {event_type: _handler(event_type) for event_type in EVENT_TYPES}
 _drain_started: dict[str, float] = {}
 
 
-@task_prerun.connect(weak=False)
+@task_prerun.connect(weak=False)  # type: ignore[untyped-decorator]
 def _drain_starts(sender: Any = None, task_id: str = "", **kwargs: Any) -> None:
     if sender is not None and sender.name == "celery_outbox.drain":
         _drain_started[task_id] = time.monotonic()
 
 
-@task_success.connect(weak=False)
+@task_success.connect(weak=False)  # type: ignore[untyped-decorator]
 def _drained(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
     if sender is not None and sender.name == "celery_outbox.drain":
         began = _drain_started.pop(sender.request.id, None)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import urllib3
-from botocore.awsrequest import AWSResponse
+from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 __all__ = ["KINDS", "FaultInjector"]
 
@@ -98,9 +98,8 @@ class FaultInjector:
         body = json.dumps(
             {"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": message}
         ).encode()
-        headers = {
-            "x-amzn-RequestId": "chaos",
-            "Content-Type": "application/x-amz-json-1.0",
-            "Content-Length": str(len(body)),
-        }
+        headers = HTTPHeaders()
+        headers["x-amzn-RequestId"] = "chaos"
+        headers["Content-Type"] = "application/x-amz-json-1.0"
+        headers["Content-Length"] = str(len(body))
         return AWSResponse(request.url, status, headers, _Body(body))

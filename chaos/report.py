@@ -100,11 +100,11 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
         # ``end`` and ``wb`` come from the process that ran the body.
         matches = by_token.get((rec.get("token"), int(rec["pid"])), [])
         if rec["k"] == "end":
-            run = next((r for r in matches if r.ended is None), None)
-            if run is not None:
-                run.ended, run.ok = int(rec["t"]), bool(rec["ok"])
+            ending = next((r for r in matches if r.ended is None), None)
+            if ending is not None:
+                ending.ended, ending.ok = int(rec["t"]), bool(rec["ok"])
             continue
-        run = next(
+        writing = next(
             (
                 r
                 for r in matches
@@ -112,12 +112,12 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
             ),
             None,
         )
-        if run is None:
+        if writing is None:
             continue
         if "error" in rec:
-            run.write_error = str(rec["error"])
+            writing.write_error = str(rec["error"])
         else:
-            run.written, run.outcome = int(rec["t"]), rec.get("outcome")
+            writing.written, writing.outcome = int(rec["t"]), rec.get("outcome")
     for rec in lost:
         if "error" in rec:
             continue

@@ -225,6 +225,17 @@ class TestOutcomes:
         assert figures["pending"] == 1
         assert len(figures["problems"]) == 2
 
+    def test_a_pending_event_is_told_with_its_item_and_records(self) -> None:
+        """The problem names the stuck event, its final state and its history."""
+        stuck = item("active") | {"leaseToken": {"S": "t1"}}
+        records = [emitted("e"), *run("e", "t1", 5, 100, ends=None)]
+        figures = analyse(records, {"e": stuck}, set(), skew_ms=0, timeout_ms=TIMEOUT)
+        (problem,) = figures["problems"]
+        assert problem.startswith("1 events still pending at the end: e ")
+        assert "'leaseToken': 't1'" in problem
+        assert "begin@99/5 token=t1" in problem
+        assert "start@100/5 token=t1" in problem
+
     def test_emit_error_stored_anyway_is_expected(self) -> None:
         """An emit that raised but was written is an event like the others."""
         records = [
