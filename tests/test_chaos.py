@@ -62,7 +62,11 @@ def test_reduced_chaos_run(write_mode: str) -> None:
     assert done.stdout, done.stderr[-3000:]
     figures = json.loads(done.stdout)
     assert figures["problems"] == [], "\n".join(
-        [*figures["problems"], *figures.get("pending_log", [])]
+        [
+            *figures["problems"],
+            f"in the status index: {figures.get('pending_in_index')}",
+            *figures.get("pending_log", []),
+        ]
     )
     assert done.returncode == 0
 
