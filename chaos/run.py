@@ -186,8 +186,8 @@ def scan(client: Any, table: str) -> dict[str, dict[str, Any]]:
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
-def in_index(store: OutboxStore, item: dict[str, Any]) -> bool:
-    """Whether the status index returns ``item`` under its status and sort key."""
+def index_copy(store: OutboxStore, item: dict[str, Any]) -> dict[str, Any] | None:
+    """The status index's copy of ``item``, under its status and sort key."""
     found = store.client.query(
         TableName=store.table,
         IndexName=store.index,
@@ -195,7 +195,17 @@ def in_index(store: OutboxStore, item: dict[str, Any]) -> bool:
         ExpressionAttributeNames={"#status": "status", "#sk": "gsiSortKey"},
         ExpressionAttributeValues={":s": item["status"], ":k": item["gsiSortKey"]},
     )
-    return any(i["id"] == item["id"] for i in found.get("Items", []))
+    return next((i for i in found.get("Items", []) if i["id"] == item["id"]), None)
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter and where in the kernel it waits (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "gone"
+    return f"{stat.rsplit(')', 1)[1].split()[0]} {wchan}"
 
 
 class ChaosRun:
@@ -228,13 +238,15 @@ class ChaosRun:
             )
             self.settle(store)
             took = time.monotonic() - started
+            # Read while every process still runs: why is anything stuck?
+            stuck = sorted(
+                i for i, item in scan(store.client, TABLE).items()
+                if item["status"]["S"] in PENDING
+            )  # fmt: skip
+            diagnosis = self.diagnose(store, stuck[:3]) if stuck else {}
             self.procs.stop()
             table = scan(store.client, TABLE)
             orders = set(scan(store.client, ORDERS))
-            stuck = [i for i, item in table.items() if item["status"]["S"] in PENDING]
-            # A pending event the status index does not return is one no
-            # drain can ever find: tell that apart from one drains miss.
-            indexed = {i: in_index(store, table[i]) for i in stuck[:3]}
         finally:
             self.procs.stop()
             self.redis.stop()
@@ -249,9 +261,58 @@ class ChaosRun:
         figures["seconds"] = round(took)
         figures["settings"] = self.settings()
         if stuck:
-            figures["pending_in_index"] = indexed
+            figures["pending_diagnosis"] = diagnosis
             figures["pending_log"] = self.log_lines(stuck[:3])
         return figures
+
+    def diagnose(self, store: OutboxStore, event_ids: list[str]) -> dict[str, Any]:
+        """What the stuck events and the processes look like at the deadline.
+
+        Tells apart the ways an event can stay pending: the status index
+        lost it or holds a stale copy (claims built from it fail their
+        conditions), no drain runs any more, or messages pile up unread.
+        """
+        import redis
+
+        now = int(time.time() * 1000)
+        events = {}
+        for event_id in event_ids:
+            item = store.client.get_item(
+                TableName=TABLE, Key={"id": {"S": event_id}}, ConsistentRead=True
+            ).get("Item", {})
+            copy = index_copy(store, item) if item else None
+            events[event_id] = {
+                "item": {k: next(iter(v.values())) for k, v in item.items()},
+                "index_copy": "missing"
+                if copy is None
+                else "same"
+                if copy == item
+                else {k: next(iter(v.values()), None) for k, v in copy.items()},
+            }
+        drains: dict[str, int] = {}
+        for rec in read_all(self.folder):
+            if rec["k"] in ("drain", "drain-error") and rec["t"] > now - 60_000:
+                key = f"{rec['k']} {rec.get('by', '')} claimed={rec.get('claimed')}"
+                drains[key] = drains.get(key, 0) + 1
+        client = redis.Redis(port=self.redis.port, socket_timeout=2)
+        broker: dict[str, Any]
+        try:
+            broker = {
+                "queued": client.llen("chaos"),
+                "unacked": client.hlen("unacked"),
+            }
+        except redis.RedisError as exc:
+            broker = {"error": repr(exc)}
+        processes = {}
+        for name, proc in self.procs.procs.items():
+            for pid in [proc.pid, *children(proc.pid)]:
+                processes[f"{name}:{pid}"] = process_state(pid)
+        return {
+            "events": events,
+            "drains_last_60s": drains,
+            "broker": broker,
+            "processes": processes,
+        }
 
     def log_lines(self, event_ids: list[str], limit: int = 40) -> list[str]:
         """The processes' log lines that name any of ``event_ids``."""

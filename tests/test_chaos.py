@@ -64,7 +64,7 @@ def test_reduced_chaos_run(write_mode: str) -> None:
     assert figures["problems"] == [], "\n".join(
         [
             *figures["problems"],
-            f"in the status index: {figures.get('pending_in_index')}",
+            f"diagnosis: {figures.get('pending_diagnosis')}",
             *figures.get("pending_log", []),
         ]
     )
