@@ -69,6 +69,11 @@ class Stats:
 
     ``expired`` counts ``active`` events whose lease has run out: their
     workers were lost, and the next drain reclaims them.
+
+    Each figure is a query of its own, not one snapshot: an event that moves
+    between statuses while they run (a failed attempt goes from ``active``
+    back to ``created``) may be counted twice or not at all. To learn that
+    nothing is pending, read the events themselves.
     """
 
     counts: dict[str, int]

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from celery_outbox import OutboxConfig, OutboxStore, Status  # noqa: E402
+from celery_outbox import OutboxConfig, OutboxStore  # noqa: E402
 from celery_outbox.testing import DynamoDBLocal, fake_credentials, free_port  # noqa: E402
 from chaos.record import Recorder, read_all  # noqa: E402
 from chaos.report import PENDING, analyse  # noqa: E402
@@ -48,13 +48,19 @@ TABLE = "chaos-outbox"
 ORDERS = "chaos-orders"
 
 
-def wait_for(condition: Callable[[], bool], deadline_s: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    deadline_s: float,
+    what: str,
+    *,
+    interval_s: float = 0.1,
+) -> None:
     """Poll ``condition`` until it holds; raise TimeoutError after the deadline."""
     end = time.monotonic() + deadline_s
     while not condition():
         if time.monotonic() > end:
             raise TimeoutError(f"gave up after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval_s)
 
 
 def children(pid: int) -> list[int]:
@@ -444,11 +450,20 @@ class ChaosRun:
 
         def settled() -> bool:
             self.supervise()
-            counts = store.stats().counts
-            return counts[Status.CREATED.value] + counts[Status.ACTIVE.value] == 0
+            # One consistent scan, not per-status counts: an event moving from
+            # active back to created between two count queries is in neither
+            # count. A scan reads each item once, and completed and failed
+            # are final, so an event it reads as either stays so.
+            items = scan(store.client, TABLE).values()
+            return not any(item["status"]["S"] in PENDING for item in items)
 
         try:
-            wait_for(settled, self.args.settle_s, "every event to complete or fail")
+            wait_for(
+                settled,
+                self.args.settle_s,
+                "every event to complete or fail",
+                interval_s=0.5,
+            )
         except TimeoutError as exc:
             self.say(str(exc))
 
