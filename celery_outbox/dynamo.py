@@ -58,6 +58,7 @@ NAMES = {
     "#token": ev.LEASE_TOKEN,
     "#expires": ev.EXPIRES_AT,
     "#running": ev.RUNNING_SINCE,
+    "#operator": ev.OPERATOR_RETRIES,
 }
 
 

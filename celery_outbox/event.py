@@ -4,7 +4,8 @@ The layout is the one of the TypeScript ``outbox-event-bus`` DynamoDB adapter
 (``id``, ``type``, ``payload``, ``occurredAt``, ``status``, ``gsiSortKey``,
 ``retryCount``, ``startedOn``, ``completedOn``, ``lastError``); what this
 library adds sits beside it under names of its own (``leaseToken``,
-``expiresAt``), so items stay readable by both.
+``expiresAt``, ``runningSince``, ``operatorRetries``), so items stay readable
+by both.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ EXPIRES_AT = "expiresAt"
 """TTL attribute (epoch seconds) of completed events kept for inspection."""
 RUNNING_SINCE = "runningSince"
 """When the current lease's handler started (ms); absent until it starts."""
+OPERATOR_RETRIES = "operatorRetries"
+"""How many times an operator retried the event after it failed; absent: 0."""
 
 ITEM_LIMIT = 400 * 1024
 MAX_ID_BYTES = 1024
@@ -131,6 +134,10 @@ class Event:
     attempt: int = 1
     """1 for the first attempt, 2 for the first retry, and so on."""
 
+    operator_retries: int = 0
+    """How many times an operator retried the event after it had failed;
+    each such retry starts the attempts again from 1."""
+
     @classmethod
     def new(
         cls,
@@ -184,6 +191,7 @@ class Event:
             payload=None if raw is None else payloads.from_dynamodb(raw),
             occurred_at=_occurred(item),
             attempt=_int(item, RETRY_COUNT) + 1,
+            operator_retries=_int(item, OPERATOR_RETRIES),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -194,6 +202,7 @@ class Event:
             "payload": self.payload,
             "occurred_at": self.occurred_at,
             "attempt": self.attempt,
+            "operator_retries": self.operator_retries,
         }
 
     @classmethod
@@ -205,6 +214,7 @@ class Event:
             payload=data.get("payload"),
             occurred_at=data.get("occurred_at", ""),
             attempt=int(data.get("attempt", 1)),
+            operator_retries=int(data.get("operator_retries", 0)),
         )
 
 

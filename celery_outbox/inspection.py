@@ -215,13 +215,16 @@ class Inspection(DynamoTable):
 
     def _retry_write(self, event_id: str) -> tuple[str, str, dict[str, Any]]:
         return (
-            "SET #status = :created, #sk = :now, #retry = :zero REMOVE #error, #token",
+            "SET #status = :created, #sk = :now, #retry = :zero, "
+            "#operator = if_not_exists(#operator, :zero) + :one "
+            "REMOVE #error, #token",
             "#status = :failed",
             {
                 ":created": self.status_value(Status.CREATED, event_id),
                 ":failed": {"S": Status.FAILED.value},
                 ":now": {"N": str(self.clock())},
                 ":zero": {"N": "0"},
+                ":one": {"N": "1"},
             },
         )
 

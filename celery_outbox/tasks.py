@@ -46,8 +46,15 @@ _PUBLISH_BATCH_MAX = 1 << 30
 
 
 def task_id(lease: Lease) -> str:
-    """The Celery task id of one attempt: ``outbox:<event id>:<attempt>``."""
-    return f"outbox:{lease.event.id}:{lease.event.attempt}"
+    """The Celery task id of one attempt: ``outbox:<event id>:<attempt>``.
+
+    After an operator retried the failed event, attempts count from 1 again;
+    ``:retry<n>`` after the n-th such retry keeps their ids apart from the
+    earlier ones', so Flower and a result backend keep the failed runs.
+    """
+    event = lease.event
+    again = f":retry{event.operator_retries}" if event.operator_retries else ""
+    return f"outbox:{event.id}:{event.attempt}{again}"
 
 
 def install(outbox: Outbox) -> None:

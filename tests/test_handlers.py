@@ -704,6 +704,17 @@ def test_task_id_names_event_and_attempt() -> None:
     assert tasks.task_id(lease) == "outbox:e-1:3"
 
 
+def test_task_id_after_operator_retries() -> None:
+    """After an operator retry, attempts from 1 again get ids of their own."""
+    event = Event.new("order.created", id="e-1")
+    again = Event(**{**event.__dict__, "operator_retries": 2})
+    assert tasks.task_id(ev.Lease(again, "tok", 0, 0)) == "outbox:e-1:1:retry2"
+    assert Event.from_dict(again.as_dict()) == again
+    # a message from before the field existed reads as no operator retry
+    old = {k: v for k, v in again.as_dict().items() if k != "operator_retries"}
+    assert Event.from_dict(old).operator_retries == 0
+
+
 class TestDrainErrors:
     """A failing DynamoDB pauses drains instead of failing every tick."""
 

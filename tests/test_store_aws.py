@@ -149,7 +149,15 @@ class TestResends:
 
 
 IDENTIFIER = re.compile(r"(?<![#:\w])([A-Za-z_]\w*)")
-KEYWORDS = {"AND", "OR", "NOT", "SET", "REMOVE", "attribute_not_exists"}
+KEYWORDS = {
+    "AND",
+    "OR",
+    "NOT",
+    "SET",
+    "REMOVE",
+    "attribute_not_exists",
+    "if_not_exists",
+}
 EXPRESSIONS = (
     "KeyConditionExpression",
     "FilterExpression",

@@ -17,6 +17,7 @@ from celery_outbox import (
     OutboxStore,
     Status,
     UnprocessedItemsError,
+    tasks,
 )
 
 
@@ -115,6 +116,20 @@ class TestRetry:
         assert "lastError" not in item
         leases = store.claim().leases
         assert {lease.event.id for lease in leases} == {*failed, waiting.id}
+
+    def test_each_operator_retry_is_counted(self, store: OutboxStore) -> None:
+        """Attempts start again from 1; ``operatorRetries`` tells the rounds apart."""
+        clock = on_clock(store)
+        (event_id,) = fail_events(store, clock, ["a"])
+        assert "operatorRetries" not in (store.get_item(event_id) or {})
+        for round_ in (1, 2):
+            assert store.retry([event_id], strict=round_ == 2).retried == [event_id]
+            item = store.get_item(event_id) or {}
+            assert item["operatorRetries"] == {"N": str(round_)}
+            (lease,) = store.claim().leases
+            assert (lease.event.attempt, lease.event.operator_retries) == (1, round_)
+            assert tasks.task_id(lease) == f"outbox:{event_id}:1:retry{round_}"
+            store.fail(lease, "again", final=True)
 
     def test_retry_failed_by_type(self, store: OutboxStore) -> None:
         """``retry_failed`` retries every failed event of one type."""

@@ -193,6 +193,15 @@ def test_flower_shows_the_event_and_retries_it(services: dict[str, Any]) -> None
     assert result == {"retried": [event.id], "missing": [], "not_failed": []}
     wait_for("the event to complete", lambda: status() is Status.COMPLETED)
 
+    # The retried attempt is a task of its own: the failed one stays listed.
+    def task_states() -> dict[str, Any] | None:
+        tasks = get_json(f"{flower}/api/tasks", taskname=services["handler"]) or {}
+        states = {i: t.get("state") for i, t in tasks.items() if event.id in i}
+        return states if states.get(f"{task_id}:retry1") == "SUCCESS" else None
+
+    states = wait_for("Flower to list the retried attempt", task_states)
+    assert states == {task_id: "FAILURE", f"{task_id}:retry1": "SUCCESS"}
+
     log = services["worker"].log.read_text()
     assert f"Event {event.id!r} (order.created) attempt 1 failed: RuntimeError" in log
     assert "Drained outbox" in log and "claimed 1" in log
