@@ -30,6 +30,7 @@ from celery_outbox.shards import StatusKeys
 __all__ = [
     "CONDITION_FAILED",
     "NAMES",
+    "PROMPT_ATTEMPTS",
     "RETRY_ATTEMPTS",
     "Clock",
     "DynamoTable",
@@ -43,6 +44,8 @@ Clock = Callable[[], int]
 CONDITION_FAILED = "ConditionalCheckFailedException"
 RETRY_ATTEMPTS = 10
 """botocore's attempts per request, the first included."""
+PROMPT_ATTEMPTS = 2
+"""The same for a prompt client (:func:`make_client`)."""
 
 # Every attribute an expression names goes through a placeholder: ``status``,
 # ``type`` and ``payload`` are reserved words in DynamoDB.
@@ -76,11 +79,13 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def make_client(config: OutboxConfig) -> Any:
+def make_client(config: OutboxConfig, *, prompt: bool = False) -> Any:
     """A DynamoDB client for ``config``, with botocore's standard retries.
 
     ``standard`` mode retries throttling, 5xx answers and connection errors
     with jittered exponential backoff; ten attempts ride out short bursts.
+    A ``prompt`` client gives up within seconds instead (two attempts,
+    short timeouts), for a caller that must not wait out an outage.
     """
     region = config.region_name
     if region is None and boto3.session.Session().region_name is None:
@@ -92,9 +97,12 @@ def make_client(config: OutboxConfig) -> Any:
         endpoint_url=config.endpoint_url,
         region_name=region,
         config=BotoConfig(
-            retries={"mode": "standard", "total_max_attempts": RETRY_ATTEMPTS},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={
+                "mode": "standard",
+                "total_max_attempts": PROMPT_ATTEMPTS if prompt else RETRY_ATTEMPTS,
+            },
+            connect_timeout=2 if prompt else 5,
+            read_timeout=5 if prompt else 30,
             max_pool_connections=50,
         ),
     )

@@ -68,7 +68,7 @@ from celery.worker.request import Request
 from celery_outbox import writeback
 from celery_outbox.errors import OutboxError
 from celery_outbox.event import Event, Lease
-from celery_outbox.store import Outcome
+from celery_outbox.store import OutboxStore, Outcome
 
 if TYPE_CHECKING:
     from celery_outbox.outbox import Outbox
@@ -192,11 +192,20 @@ class HandlerTask(Task):  # type: ignore[misc]
 
         Called in the worker's main process. A lost worker counts as a failed
         attempt; if the child had written the event back, the lease is gone
-        and this changes nothing.
+        and this changes nothing. The write gives up within seconds
+        (:attr:`Outbox.prompt_store`): while it waits, the main process
+        neither takes messages nor watches its children, and if it gives up
+        the lease's expiry brings the event back.
         """
         final = lease.retry_count + 1 > self.retry_limit()
         error = f"WorkerLost: {type(reason).__name__}: {reason}"
-        self._fail(lease, error, final=final, what="lost attempt's failure")
+        self._fail(
+            lease,
+            error,
+            final=final,
+            what="lost attempt's failure",
+            store=self.outbox.prompt_store,
+        )
 
     def retry_limit(self, max_retries: int | None = None) -> int:
         """The retries this handler allows: the lowest of the outbox's limit,
@@ -296,8 +305,9 @@ class HandlerTask(Task):  # type: ignore[misc]
         delay_ms: int | None = None,
         final: bool = False,
         what: str = "failure",
+        store: OutboxStore | None = None,
     ) -> None:
-        store = self.outbox.store
+        store = self.outbox.store if store is None else store
         self.outbox.writer.discard(lease)  # a waiting start mark is moot now
 
         def write(lease: Lease) -> Outcome:

@@ -37,7 +37,7 @@ from celery_outbox import settings
 from celery_outbox.config import OutboxConfig
 from celery_outbox.errors import ConfigError, EventError, HandlerError
 from celery_outbox.event import Event
-from celery_outbox.store import Clock, OutboxStore
+from celery_outbox.store import Clock, OutboxStore, make_client
 
 if TYPE_CHECKING:
     from celery_outbox.batch import InsertReport
@@ -97,6 +97,8 @@ class Outbox:
         self._clock = clock
         self._store: OutboxStore | None = None
         self._store_pid = 0
+        self._prompt_store: OutboxStore | None = None
+        self._prompt_pid = 0
         self._lock = threading.Lock()
         self.handlers: dict[str, Any] = {}
         self.drain_task: Any = None
@@ -146,6 +148,30 @@ class Outbox:
                     )
                     self._store_pid = pid
         return self._store
+
+    @property
+    def prompt_store(self) -> OutboxStore:
+        """A store whose requests give up within seconds, made once per process.
+
+        For writes made where waiting out a DynamoDB outage would stall more
+        than one task: the worker's main process reports a lost child
+        through it (:class:`~celery_outbox.handlers.HandlerRequest`). A write
+        it gives up on is left to the lease's expiry. An outbox given a
+        ``client`` uses that client here too.
+        """
+        pid = os.getpid()
+        if self._prompt_store is None or self._prompt_pid != pid:
+            with self._lock:
+                if self._prompt_store is None or self._prompt_pid != pid:
+                    given = self._prompt_pid in (0, pid) and self._client is not None
+                    client = (
+                        self._client if given else make_client(self.config, prompt=True)
+                    )
+                    self._prompt_store = OutboxStore(
+                        self.config, client=client, clock=self._clock
+                    )
+                    self._prompt_pid = pid
+        return self._prompt_store
 
     @property
     def writer(self) -> Writer:

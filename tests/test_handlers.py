@@ -557,6 +557,21 @@ class TestWriteBack:
         handle.lost(lease, WorkerLostError("again"))  # a stale report: no-op
         assert item(outbox, lease.event.id)["retryCount"]["N"] == "1"
 
+    def test_the_main_process_gives_up_its_report_within_seconds(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The lost child's failure goes through a client that does not wait
+        out an outage: the main process takes no messages while it writes."""
+        prompt = outbox.prompt_store
+        config = prompt.client.meta.config
+        assert config.retries["total_max_attempts"] == 2
+        assert (config.connect_timeout, config.read_timeout) == (2, 5)
+        usual = outbox.store.client.meta.config
+        assert usual.retries["total_max_attempts"] == 10
+        assert outbox.prompt_store is prompt  # made once per process
+        monkeypatch.setattr("os.getpid", lambda: -1)  # as in a forked child
+        assert outbox.prompt_store is not prompt
+
     def test_start_is_deferred_only_when_safe(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
