@@ -5,7 +5,8 @@ by item, with the same conditions, sent up to 25 in one request
 (:mod:`celery_outbox.partiql`). Used when ``write_mode = "partiql"``.
 
 A claim confirms exactly the item the index returned: its status, that it
-is due, its ``retryCount`` and, for an expired lease, the token seen. The
+is due, its ``retryCount`` and ``operatorRetries`` and, for an expired
+lease, the token seen. The
 lease handed out is built from that item, so a stale index read can only
 make a claim fail, never hand out a lease on different data.
 """
@@ -37,6 +38,7 @@ ID, STATUS, SK = quote(ev.ID), quote(ev.STATUS), quote(ev.SORT_KEY)
 TOKEN, RETRY = quote(ev.LEASE_TOKEN), quote(ev.RETRY_COUNT)
 STARTED, ERROR = quote(ev.STARTED_ON), quote(ev.LAST_ERROR)
 RUNNING = quote(ev.RUNNING_SINCE)
+OPERATOR = quote(ev.OPERATOR_RETRIES)
 
 
 def _s(value: str) -> dict[str, Any]:
@@ -222,15 +224,26 @@ class BatchStore:
             return f"{RETRY} IS MISSING", []
         return f"{RETRY} = ?", [seen]
 
+    @staticmethod
+    def _round_condition(item: dict[str, Any]) -> tuple[str, list[Any]]:
+        # An operator retry puts an event back exactly as a stale copy of
+        # its last round reads (created, due, no retries): the round pins
+        # the copy the lease's event is built from.
+        seen = item.get(ev.OPERATOR_RETRIES)
+        if seen is None:
+            return f"{OPERATOR} IS MISSING", []
+        return f"{OPERATOR} = ?", [seen]
+
     def _claim(
         self, item: dict[str, Any], now: int, deadline: int, token: str
     ) -> Statement:
         event_id = item[ev.ID][_S]
         retry, retry_values = self._retry_condition(item)
+        round_, round_values = self._round_condition(item)
         return Statement(
             f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
             f"SET {STARTED} = ? REMOVE {RUNNING} WHERE {ID} = ? AND {STATUS} = ? "
-            f"AND {SK} <= ? AND {retry}",
+            f"AND {SK} <= ? AND {retry} AND {round_}",
             (
                 _s(self.keys.value(Status.ACTIVE, event_id)),
                 _n(deadline),
@@ -240,6 +253,7 @@ class BatchStore:
                 _s(self.keys.value(Status.CREATED, event_id)),
                 _n(now),
                 *retry_values,
+                *round_values,
             ),
             event_id,
         )

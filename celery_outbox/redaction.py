@@ -86,6 +86,7 @@ def task_argsrepr(event: Event, mode: str, max_chars: int) -> str:
     """
     fields = (
         f"'id': {event.id!r}, 'type': {event.type!r}, "
-        f"'attempt': {event.attempt}, 'occurred_at': {event.occurred_at!r}"
+        f"'attempt': {event.attempt}, 'operator_retries': {event.operator_retries}, "
+        f"'occurred_at': {event.occurred_at!r}"
     )
     return f"[{{{fields}, 'payload': {payload_repr(event.payload, mode, max_chars)}}}]"

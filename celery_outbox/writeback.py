@@ -55,6 +55,7 @@ _CLAIM_NAMES = {
     "#started": ev.STARTED_ON,
     "#retry": ev.RETRY_COUNT,
     "#running": ev.RUNNING_SINCE,
+    "#operator": ev.OPERATOR_RETRIES,
 }
 
 
@@ -129,13 +130,19 @@ class ItemWriter:
         retry = "attribute_not_exists(#retry)"
         if ev.RETRY_COUNT in item:
             retry, values[":seen"] = "#retry = :seen", item[ev.RETRY_COUNT]
+        # The round too: an operator retry makes an event read as a stale
+        # copy of its last round does (see BatchStore._round_condition).
+        round_ = "attribute_not_exists(#operator)"
+        if ev.OPERATOR_RETRIES in item:
+            round_, values[":round"] = "#operator = :round", item[ev.OPERATOR_RETRIES]
+        condition = f"#status = :created AND #sk <= :now AND {retry} AND {round_}"
         try:
             store.client.update_item(
                 TableName=store.table,
                 Key={ev.ID: item[ev.ID]},
                 UpdateExpression="SET #status = :active, #sk = :deadline, "
                 "#token = :token, #started = :now REMOVE #running",
-                ConditionExpression=f"#status = :created AND #sk <= :now AND {retry}",
+                ConditionExpression=condition,
                 ExpressionAttributeNames=_CLAIM_NAMES,
                 ExpressionAttributeValues=values,
             )

@@ -194,6 +194,8 @@ def scan(client: Any, table: str) -> dict[str, dict[str, Any]]:
 
 def index_copy(store: OutboxStore, item: dict[str, Any]) -> dict[str, Any] | None:
     """The status index's copy of ``item``, under its status and sort key."""
+    if "status" not in item or "gsiSortKey" not in item:
+        return None  # not indexable: no drain can find it
     found = store.client.query(
         TableName=store.table,
         IndexName=store.index,
@@ -249,7 +251,12 @@ class ChaosRun:
                 i for i, item in scan(store.client, TABLE).items()
                 if item["status"]["S"] in PENDING
             )  # fmt: skip
-            diagnosis = self.diagnose(store, stuck[:3]) if stuck else {}
+            diagnosis: dict[str, Any] = {}
+            if stuck:
+                try:
+                    diagnosis = self.diagnose(store, stuck[:3])
+                except Exception as exc:  # a diagnosis must not end the run
+                    diagnosis = {"error": repr(exc)}
             self.procs.stop()
             table = scan(store.client, TABLE)
             orders = set(scan(store.client, ORDERS))

@@ -19,7 +19,7 @@ from celery_outbox import event as ev
 from celery_outbox.batch import BatchStore
 from celery_outbox.config import Completion
 from celery_outbox.event import Lease
-from celery_outbox.writeback import BatchWriter
+from celery_outbox.writeback import BatchWriter, make_writer
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,7 @@ def make(ddb_local_endpoint: str) -> Iterator[Any]:
         config = OutboxConfig(
             table_name=f"test-{uuid.uuid4().hex[:12]}",
             endpoint_url=ddb_local_endpoint,
-            write_mode="partiql",
-            **options,
+            **{"write_mode": "partiql", **options},
         )
         store = OutboxStore(config, clock=clock)
         store.create_table()
@@ -129,6 +128,26 @@ def test_claim_refuses_a_stale_retry_count(make: Any) -> None:
     (again,) = batches.claim().leases
     assert again.event.id == event.id
     assert again.event.attempt == 2
+
+
+@pytest.mark.parametrize("write_mode", ["partiql", "item"])
+def test_claim_refuses_a_copy_from_before_an_operator_retry(
+    make: Any, write_mode: str
+) -> None:
+    """A retried event reads like a stale copy of its last round; the round
+    in the condition keeps the copy from naming the lease's event."""
+    clock = Clock()
+    store, _ = make(clock=clock, write_mode=write_mode)
+    writer = make_writer(store)
+    (event,) = publish(store, 1)
+    stale = store.get_item(event.id)
+    assert stale is not None
+    store.fail(store.claim().leases[0], "boom", final=True)
+    store.retry([event.id])
+    clock.now += 10
+    assert writer.claim_items([stale]).leases == []
+    (lease,) = writer.claim_items([store.get_item(event.id) or {}]).leases
+    assert (lease.event.attempt, lease.event.operator_retries) == (1, 1)
 
 
 def test_expired_leases_are_redispatched_reclaimed_then_failed(make: Any) -> None:
