@@ -109,6 +109,10 @@ def _sort_key(item: dict[str, Any]) -> int:
     return int(item["gsiSortKey"]["N"])
 
 
+def _rounds(item: dict[str, Any]) -> int:
+    return int(item.get("operatorRetries", {"N": "0"})["N"])
+
+
 def _retries(item: dict[str, Any]) -> int:
     return int(item.get("retryCount", {"N": "0"})["N"])
 
@@ -131,6 +135,8 @@ class LeaseMachine(RuleBasedStateMachine):
         """The lease whose token the table holds, per active event."""
         self.snapshot: dict[str, dict[str, Any]] | None = None
         """The table as the last invariant check read it."""
+        self.rounds: dict[str, int] = {}
+        """How many times an operator retried each event."""
 
     # -- set-up ---------------------------------------------------------------
 
@@ -273,6 +279,9 @@ class LeaseMachine(RuleBasedStateMachine):
             assert _status(new) == Status.ACTIVE.value
             assert _token(new) == lease.token
             assert _sort_key(new) == lease.deadline_ms
+            # The lease's event is of the round the table is in.
+            assert lease.event.operator_retries == self.rounds.get(event_id, 0)
+            assert _rounds(new) == _rounds(old) == self.rounds.get(event_id, 0)
             self.live[event_id] = lease
         exhausted = [
             i
@@ -440,6 +449,8 @@ class LeaseMachine(RuleBasedStateMachine):
             if event_id in report.retried:
                 assert _status(after[event_id]) == Status.CREATED.value
                 assert _retries(after[event_id]) == 0
+                self.rounds[event_id] = self.rounds.get(event_id, 0) + 1
+                assert _rounds(after[event_id]) == self.rounds[event_id]
             else:
                 assert after.get(event_id) == before.get(event_id)
 
