@@ -10,6 +10,7 @@ to do with completed events.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -147,6 +148,20 @@ class OutboxConfig:
 
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
     """Options that are not the outbox's own, kept for integrations."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OutboxConfig:
+        # The generated __init__ would raise a bare TypeError for a misspelt
+        # option; name it, and the option meant, as for Celery settings.
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in sorted(set(kwargs) - set(names)):
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else "see the configuration reference in the README"
+            )
+            raise ConfigError(name, f"is not an outbox option; {hint}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         for name in ("table_name", "status_index_name"):

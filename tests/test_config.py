@@ -117,6 +117,18 @@ def test_unknown_option_in_mapping_is_refused() -> None:
     assert "batch_size" in str(caught.value)
 
 
+def test_a_misspelt_option_is_named_with_the_one_meant() -> None:
+    """Keyword arguments and ``replace`` refuse an unknown option by name."""
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'") as caught:
+        OutboxConfig(batchsize=3)
+    assert caught.value.option == "batchsize"
+    with pytest.raises(ConfigError, match="did you mean 'poll_interval_ms'"):
+        OutboxConfig().replace(pol_interval_ms=500)
+    with pytest.raises(ConfigError, match="configuration reference"):
+        OutboxConfig(zzzz=1)
+    assert OutboxConfig(batch_size=3).replace(batch_size=4).batch_size == 4
+
+
 def test_every_option_has_an_invalid_case() -> None:
     """The catalogue above covers every option of the configuration."""
     covered = {option for option, _, _ in INVALID}
