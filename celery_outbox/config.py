@@ -153,7 +153,9 @@ class OutboxConfig:
         # The generated __init__ would raise a bare TypeError for a misspelt
         # option; name it, and the option meant, as for Celery settings.
         names = [f.name for f in dataclasses.fields(cls)]
-        for name in sorted(set(kwargs) - set(names)):
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            name = unknown[0]
             close = difflib.get_close_matches(name, names, n=1)
             hint = (
                 f"did you mean {close[0]!r}?"
