@@ -307,8 +307,12 @@ class HandlerTask(Task):  # type: ignore[misc]
         what: str = "failure",
         store: OutboxStore | None = None,
     ) -> None:
-        store = self.outbox.store if store is None else store
-        self.outbox.writer.discard(lease)  # a waiting start mark is moot now
+        if store is None:
+            store = self.outbox.store
+            # A start mark waiting in this process's buffer is moot now. (The
+            # main process reporting a lost child passes its own store: the
+            # buffer that held the child's mark died with the child.)
+            self.outbox.writer.discard(lease)
 
         def write(lease: Lease) -> Outcome:
             return store.fail(lease, error, delay_ms=delay_ms, final=final)
