@@ -13,6 +13,7 @@ make a claim fail, never hand out a lease on different data.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ ID, STATUS, SK = quote(ev.ID), quote(ev.STATUS), quote(ev.SORT_KEY)
 TOKEN, RETRY = quote(ev.LEASE_TOKEN), quote(ev.RETRY_COUNT)
 STARTED, ERROR = quote(ev.STARTED_ON), quote(ev.LAST_ERROR)
 RUNNING = quote(ev.RUNNING_SINCE)
+RUNNING_BY = quote(ev.RUNNING_BY)
 OPERATOR = quote(ev.OPERATOR_RETRIES)
 
 
@@ -242,8 +244,8 @@ class BatchStore:
         round_, round_values = self._round_condition(item)
         return Statement(
             f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
-            f"SET {STARTED} = ? REMOVE {RUNNING} WHERE {ID} = ? AND {STATUS} = ? "
-            f"AND {SK} <= ? AND {retry} AND {round_}",
+            f"SET {STARTED} = ? REMOVE {RUNNING} REMOVE {RUNNING_BY} "
+            f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND {round_}",
             (
                 _s(self.keys.value(Status.ACTIVE, event_id)),
                 _n(deadline),
@@ -317,8 +319,8 @@ class BatchStore:
         after = {**item, ev.RETRY_COUNT: _n(retries), ev.LAST_ERROR: _s(lost)}
         text = (
             f"UPDATE {self.table} SET {STATUS} = ? SET {SK} = ? SET {TOKEN} = ? "
-            f"SET {STARTED} = ? SET {RETRY} = ? SET {ERROR} = ? REMOVE {RUNNING} "
-            f"{where}"
+            f"SET {STARTED} = ? SET {RETRY} = ? SET {ERROR} = ? "
+            f"REMOVE {RUNNING} REMOVE {RUNNING_BY} {where}"
         )
         values = (
             _s(self.keys.value(Status.ACTIVE, event_id)),
@@ -355,7 +357,7 @@ class BatchStore:
         started, _, outcomes = self.write_back([lease, *starting], completing, now=now)
         lease_started = None
         if started[0]:
-            lease_started = Lease(lease.event, lease.token, deadline, lease.started_ms)
+            lease_started = dataclasses.replace(lease, deadline_ms=deadline)
         return lease_started, outcomes
 
     def write_back(
@@ -387,12 +389,17 @@ class BatchStore:
 
     def _start(self, lease: Lease, now: int, deadline: int) -> Statement:
         event_id = lease.event.id
+        by = ""
+        by_values: tuple[dict[str, Any], ...] = ()
+        if lease.copy is not None:
+            by, by_values = f"SET {RUNNING_BY} = ? ", (_s(lease.copy),)
         return Statement(
-            f"UPDATE {self.table} SET {SK} = ? SET {RUNNING} = ? "
+            f"UPDATE {self.table} SET {SK} = ? SET {RUNNING} = ? {by}"
             f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ? AND {RUNNING} IS MISSING",
             (
                 _n(deadline),
                 _n(now),
+                *by_values,
                 _s(event_id),
                 _s(self.keys.value(Status.ACTIVE, event_id)),
                 _s(lease.token),

@@ -62,6 +62,7 @@ NAMES = {
     "#expires": ev.EXPIRES_AT,
     "#running": ev.RUNNING_SINCE,
     "#operator": ev.OPERATOR_RETRIES,
+    "#copy": ev.RUNNING_BY,
 }
 
 

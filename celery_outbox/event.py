@@ -4,8 +4,8 @@ The layout is the one of the TypeScript ``outbox-event-bus`` DynamoDB adapter
 (``id``, ``type``, ``payload``, ``occurredAt``, ``status``, ``gsiSortKey``,
 ``retryCount``, ``startedOn``, ``completedOn``, ``lastError``); what this
 library adds sits beside it under names of its own (``leaseToken``,
-``expiresAt``, ``runningSince``, ``operatorRetries``), so items stay readable
-by both.
+``expiresAt``, ``runningSince``, ``runningBy``, ``operatorRetries``), so items
+stay readable by both.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ EXPIRES_AT = "expiresAt"
 """TTL attribute (epoch seconds) of completed events kept for inspection."""
 RUNNING_SINCE = "runningSince"
 """When the current lease's handler started (ms); absent until it starts."""
+RUNNING_BY = "runningBy"
+"""Which delivery of the lease's message wrote ``runningSince``: a lease sent
+twice has two, and a worker reports the loss only of its own."""
 OPERATOR_RETRIES = "operatorRetries"
 """How many times an operator retried the event after it failed; absent: 0."""
 
@@ -250,6 +253,10 @@ class Lease:
     deadline_ms: int
     started_ms: int
     resent: bool = False
+    copy: str | None = None
+    """Which delivery of the lease's message this is, named by the worker
+    that received it (:class:`~celery_outbox.handlers.HandlerRequest`);
+    None outside a worker."""
 
     @property
     def retry_count(self) -> int:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEADER_ATTEMPT",
+    "HEADER_COPY",
     "HEADER_DEADLINE",
     "HEADER_EVENT_ID",
     "HEADER_EVENT_TYPE",
@@ -95,6 +97,9 @@ HEADER_ATTEMPT = "outbox_attempt"
 HEADER_LEASE = "outbox_lease"
 HEADER_DEADLINE = "outbox_deadline"
 HEADER_RESENT = "outbox_resent"
+HEADER_COPY = "outbox_copy"
+"""Not a message header: the worker names each delivery it receives, in the
+request both its main process and the child that runs it read."""
 
 # Reported by Celery's main process about a child it lost or killed; the
 # child ran no write-back, and the lease brings the event back.
@@ -192,10 +197,12 @@ class HandlerTask(Task):  # type: ignore[misc]
 
         Called in the worker's main process. A lost worker counts as a failed
         attempt; if the child had written the event back, the lease is gone
-        and this changes nothing. The write gives up within seconds
-        (:attr:`Outbox.prompt_store`): while it waits, the main process
-        neither takes messages nor watches its children, and if it gives up
-        the lease's expiry brings the event back.
+        and this changes nothing. Nor does it when another delivery of the
+        same lease's message (a resent one) started the handler: that run
+        goes on, and its outcome is the one written. The write gives up
+        within seconds (:attr:`Outbox.prompt_store`): while it waits, the
+        main process neither takes messages nor watches its children, and
+        if it gives up the lease's expiry brings the event back.
         """
         final = lease.retry_count + 1 > self.retry_limit()
         error = f"WorkerLost: {type(reason).__name__}: {reason}"
@@ -205,6 +212,7 @@ class HandlerTask(Task):  # type: ignore[misc]
             final=final,
             what="lost attempt's failure",
             store=self.outbox.prompt_store,
+            own_start=True,
         )
 
     def retry_limit(self, max_retries: int | None = None) -> int:
@@ -306,6 +314,7 @@ class HandlerTask(Task):  # type: ignore[misc]
         final: bool = False,
         what: str = "failure",
         store: OutboxStore | None = None,
+        own_start: bool = False,
     ) -> None:
         if store is None:
             store = self.outbox.store
@@ -315,7 +324,9 @@ class HandlerTask(Task):  # type: ignore[misc]
             self.outbox.writer.discard(lease)
 
         def write(lease: Lease) -> Outcome:
-            return store.fail(lease, error, delay_ms=delay_ms, final=final)
+            return store.fail(
+                lease, error, delay_ms=delay_ms, final=final, own_start=own_start
+            )
 
         outcome = self._write_back(lease, what, write)
         if outcome in (None, Outcome.STALE):
@@ -364,6 +375,13 @@ class HandlerRequest(Request):  # type: ignore[misc]
     # message (acks_late with reject_on_worker_lost, or a hard time limit
     # without acks_on_timeout): a copy delivered before the failure would
     # find the lease live and, unstarted, start it.
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if HEADER_LEASE in self._request_dict:
+            # Names this delivery for the start mark the child writes, so
+            # that a report of its loss fails only a start of its own.
+            self._request_dict.setdefault(HEADER_COPY, uuid.uuid4().hex)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """Fail the attempt when the child was killed for its hard limit."""
@@ -431,7 +449,15 @@ def _lease(header: Callable[[str], Any], args: Any) -> Lease | None:
         return None
     deadline = int(header(HEADER_DEADLINE) or 0)
     resent = bool(header(HEADER_RESENT))
-    return Lease(_event(args[0]), str(token), deadline, 0, resent=resent)
+    copy = header(HEADER_COPY)
+    return Lease(
+        _event(args[0]),
+        str(token),
+        deadline,
+        0,
+        resent=resent,
+        copy=None if copy is None else str(copy),
+    )
 
 
 def _header(request: Any, name: str) -> Any:

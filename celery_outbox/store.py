@@ -22,6 +22,7 @@ operator calls in :mod:`celery_outbox.inspection`, and low-level access in
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
@@ -287,7 +288,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
         item = self._update(
             event_id,
             "SET #status = :lease, #sk = :deadline, #token = :token, "
-            "#started = :now" + extra_set + " REMOVE #running",
+            "#started = :now" + extra_set + " REMOVE #running, #copy",
             condition,
             {
                 **values,
@@ -318,20 +319,25 @@ class OutboxStore(Emits, TableSetup, Inspection):
         lease = _check_lease(lease)
         now = self.clock()
         deadline = now + self.config.processing_timeout_ms
+        values = {
+            ":active": self.status_value(Status.ACTIVE, lease.event.id),
+            ":token": {"S": lease.token},
+            ":deadline": {"N": str(deadline)},
+            ":now": {"N": str(now)},
+        }
+        update = "SET #sk = :deadline, #running = :now"
+        if lease.copy is not None:
+            update += ", #copy = :copy"
+            values[":copy"] = {"S": lease.copy}
         done = self._update(
             lease.event.id,
-            "SET #sk = :deadline, #running = :now",
+            update,
             "#status = :active AND #token = :token AND attribute_not_exists(#running)",
-            {
-                ":active": self.status_value(Status.ACTIVE, lease.event.id),
-                ":token": {"S": lease.token},
-                ":deadline": {"N": str(deadline)},
-                ":now": {"N": str(now)},
-            },
+            values,
         )
         if done is None:
             return None
-        return Lease(lease.event, lease.token, deadline, lease.started_ms)
+        return dataclasses.replace(lease, deadline_ms=deadline)
 
     def complete(self, lease: Lease) -> Outcome:
         """Record that ``lease``'s attempt succeeded.
@@ -383,13 +389,16 @@ class OutboxStore(Emits, TableSetup, Inspection):
         *,
         delay_ms: int | None = None,
         final: bool = False,
+        own_start: bool = False,
     ) -> Outcome:
         """Record that ``lease``'s attempt failed with ``error``.
 
         The event is due again after ``delay_ms`` (default: the backoff), or
         ``failed`` when its retries are spent or ``final`` is set; a failed
         event stays in the index, sorted by failure time. A stale lease
-        changes nothing.
+        changes nothing. With ``own_start``, neither does a lease whose
+        handler another delivery of its message started (``runningBy`` is
+        not ``lease.copy``): that delivery's run is not this failure's.
         """
         lease = _check_lease(lease)
         if delay_ms is not None and (
@@ -406,19 +415,24 @@ class OutboxStore(Emits, TableSetup, Inspection):
         else:
             delay = self.backoff_ms(retries) if delay_ms is None else delay_ms
             status, sort_key = Status.CREATED, now + delay
+        condition = "#status = :active AND #token = :token"
+        values = {
+            ":active": self.status_value(Status.ACTIVE, lease.event.id),
+            ":token": {"S": lease.token},
+            ":status": self.status_value(status, lease.event.id),
+            ":sk": {"N": str(sort_key)},
+            ":retry": {"N": str(retries)},
+            ":err": {"S": self.short_error(error)},
+        }
+        if own_start:
+            condition += " AND (attribute_not_exists(#running) OR #copy = :copy)"
+            values[":copy"] = {"S": lease.copy or ""}
         done = self._update(
             lease.event.id,
             "SET #status = :status, #sk = :sk, #retry = :retry, #error = :err "
             "REMOVE #token",
-            "#status = :active AND #token = :token",
-            {
-                ":active": self.status_value(Status.ACTIVE, lease.event.id),
-                ":token": {"S": lease.token},
-                ":status": self.status_value(status, lease.event.id),
-                ":sk": {"N": str(sort_key)},
-                ":retry": {"N": str(retries)},
-                ":err": {"S": self.short_error(error)},
-            },
+            condition,
+            values,
         )
         if done is None:
             return self._stale(lease, "fail")

@@ -56,6 +56,7 @@ _CLAIM_NAMES = {
     "#retry": ev.RETRY_COUNT,
     "#running": ev.RUNNING_SINCE,
     "#operator": ev.OPERATOR_RETRIES,
+    "#copy": ev.RUNNING_BY,
 }
 
 
@@ -141,7 +142,7 @@ class ItemWriter:
                 TableName=store.table,
                 Key={ev.ID: item[ev.ID]},
                 UpdateExpression="SET #status = :active, #sk = :deadline, "
-                "#token = :token, #started = :now REMOVE #running",
+                "#token = :token, #started = :now REMOVE #running, #copy",
                 ConditionExpression=condition,
                 ExpressionAttributeNames=_CLAIM_NAMES,
                 ExpressionAttributeValues=values,

@@ -7,6 +7,7 @@ run on DynamoDB Local only (moto 5.2 cannot run them).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -148,6 +149,28 @@ def test_claim_refuses_a_copy_from_before_an_operator_retry(
     assert writer.claim_items([stale]).leases == []
     (lease,) = writer.claim_items([store.get_item(event.id) or {}]).leases
     assert (lease.event.attempt, lease.event.operator_retries) == (1, 1)
+
+
+def test_start_marks_name_their_delivery_until_the_next_claim(make: Any) -> None:
+    """Both kinds of start write ``runningBy``; a reclaim clears it."""
+    clock = Clock()
+    store, batches = make(clock=clock, processing_timeout_ms=1000)
+    publish(store, 2)
+    first, second = (
+        dataclasses.replace(lease, copy=f"copy-{n}")
+        for n, lease in enumerate(batches.claim().leases)
+    )
+    assert batches.begin(first)[0] is not None  # written before the handler
+    assert batches.write_back([second], []) == ([True], [], [])  # deferred
+    for lease in (first, second):
+        stored = store.get_item(lease.event.id) or {}
+        assert stored[ev.RUNNING_BY] == {"S": lease.copy}
+    clock.now += 10_000
+    reclaimed = batches.claim().leases
+    assert len(reclaimed) == 2
+    for lease in reclaimed:
+        stored = store.get_item(lease.event.id) or {}
+        assert ev.RUNNING_BY not in stored and ev.RUNNING_SINCE not in stored
 
 
 def test_expired_leases_are_redispatched_reclaimed_then_failed(make: Any) -> None:

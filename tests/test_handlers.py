@@ -8,6 +8,7 @@ with real worker processes are in ``tests/integration``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -557,6 +558,33 @@ class TestWriteBack:
         handle.lost(lease, WorkerLostError("again"))  # a stale report: no-op
         assert item(outbox, lease.event.id)["retryCount"]["N"] == "1"
 
+    def test_a_lost_delivery_fails_only_a_start_of_its_own(
+        self, outbox: Outbox
+    ) -> None:
+        """A resent lease has two deliveries: losing one that never started
+        leaves the run of the other alone."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        a, b = (dataclasses.replace(lease, copy=c) for c in ("a", "b"))
+        assert outbox.store.begin(b) is not None  # delivery b runs the handler
+        assert item(outbox, lease.event.id)["runningBy"] == {"S": "b"}
+        handle.lost(a, WorkerLostError("signal 9 (SIGKILL)"))  # a never started
+        stored = item(outbox, lease.event.id)
+        assert stored["status"]["S"] == "active" and stored["retryCount"]["N"] == "0"
+        handle.lost(b, WorkerLostError("signal 9 (SIGKILL)"))
+        stored = item(outbox, lease.event.id)
+        assert stored["status"]["S"] == "created" and stored["retryCount"]["N"] == "1"
+        # A lost delivery whose start was never written still counts.
+        make_due(outbox, lease.event.id)
+        (again,) = outbox.store.claim().leases
+        assert "runningBy" not in item(outbox, lease.event.id)
+        handle.lost(dataclasses.replace(again, copy="c"), WorkerLostError("oom"))
+        assert item(outbox, lease.event.id)["retryCount"]["N"] == "2"
+
     def test_the_main_process_gives_up_its_report_within_seconds(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -836,6 +864,49 @@ def test_handlers_report_lost_children_through_their_request_class() -> None:
     assert handlers.request_class(audited.Request) is audited.Request
     with pytest.raises(TypeError):
         handlers.request_class(object)
+
+
+def test_each_delivery_is_named_for_its_main_process_and_child() -> None:
+    """The worker names a drain message's delivery in the request; the lease
+    read in the main process and the one read in the child carry it."""
+    from celery.app.task import Context
+    from kombu.message import Message
+    from kombu.utils.json import dumps
+
+    app = Celery("deliveries", broker="memory://")
+    outbox = Outbox(app, table_name="t")
+
+    @outbox.handler("order.created")
+    def handle(event: Event) -> None: ...
+
+    task = app.tasks[handle.name]
+    event = Event.new("order.created")
+    sent = app.amqp.as_task_v2("outbox:e:1", task.name, args=[event.as_dict()])
+    headers = {
+        **sent.headers,
+        handlers.HEADER_LEASE: "tok",
+        handlers.HEADER_DEADLINE: 9,
+    }
+    leases = []
+    for _ in range(2):
+        message = Message(
+            body=dumps(sent.body),
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            properties=sent.properties,
+            delivery_info={"exchange": "", "routing_key": "celery"},
+        )
+        request = task.Request(message, app=app, task=task)
+        main = handlers._lease(request.request_dict.get, request.args)
+        child_request = Context(request.request_dict)
+        child = handlers._lease(
+            lambda name, r=child_request: handlers._header(r, name), request.args
+        )
+        assert main is not None and child is not None
+        assert main.copy is not None and main.copy == child.copy
+        leases.append(main)
+    assert leases[0].copy != leases[1].copy  # the same message, delivered twice
 
 
 def test_a_lost_child_is_failed_before_its_message_can_be_requeued(

@@ -161,7 +161,9 @@ def test_killed_worker_child_fails_the_attempt_at_once(
 
     In partiql mode the handler started before its start mark was written
     (a deferred start); the mark lands while the handler runs, and the
-    main process's report does not depend on it.
+    main process's report does not depend on it. The report fails only a
+    start of its own delivery (``runningBy``), so it succeeding here shows
+    the main process and the child agree on the delivery's name.
     """
     worker = run_worker(
         pool="prefork",
@@ -177,6 +179,9 @@ def test_killed_worker_child_fails_the_attempt_at_once(
         what="the start mark",
     )
     assert leased["status"]["S"] == "active"
+    # The child marks the start with the name its main process gave this
+    # delivery; the main process's report below is refused for any other.
+    assert len(leased["runningBy"]["S"]) == 32
     deadline_ms = int(leased["gsiSortKey"]["N"])
 
     os.kill(first["pid"], signal.SIGKILL)
