@@ -95,10 +95,8 @@ class Outbox:
             self._config = config.replace(**options)
         self._client = client
         self._clock = clock
-        self._store: OutboxStore | None = None
-        self._store_pid = 0
-        self._prompt_store: OutboxStore | None = None
-        self._prompt_pid = 0
+        # Stores by kind ("usual", "prompt"), each with the pid it was made in.
+        self._stores: dict[str, tuple[int, OutboxStore]] = {}
         self._lock = threading.Lock()
         self.handlers: dict[str, Any] = {}
         self.drain_task: Any = None
@@ -138,16 +136,7 @@ class Outbox:
         boto3 clients must not cross a ``fork``; a prefork worker child gets
         its own on first use.
         """
-        pid = os.getpid()
-        if self._store is None or self._store_pid != pid:
-            with self._lock:
-                if self._store is None or self._store_pid != pid:
-                    client = self._client if self._store_pid in (0, pid) else None
-                    self._store = OutboxStore(
-                        self.config, client=client, clock=self._clock
-                    )
-                    self._store_pid = pid
-        return self._store
+        return self._own_store("usual")
 
     @property
     def prompt_store(self) -> OutboxStore:
@@ -159,19 +148,28 @@ class Outbox:
         it gives up on is left to the lease's expiry. An outbox given a
         ``client`` uses that client here too.
         """
+        return self._own_store("prompt")
+
+    def _own_store(self, kind: str) -> OutboxStore:
+        """This process's store of ``kind``, made on its first use here.
+
+        The client the outbox was given serves the first process to use the
+        kind; any other process (a forked child) makes a client of its own.
+        """
         pid = os.getpid()
-        if self._prompt_store is None or self._prompt_pid != pid:
-            with self._lock:
-                if self._prompt_store is None or self._prompt_pid != pid:
-                    given = self._prompt_pid in (0, pid) and self._client is not None
-                    client = (
-                        self._client if given else make_client(self.config, prompt=True)
-                    )
-                    self._prompt_store = OutboxStore(
-                        self.config, client=client, clock=self._clock
-                    )
-                    self._prompt_pid = pid
-        return self._prompt_store
+        made = self._stores.get(kind)
+        if made is not None and made[0] == pid:
+            return made[1]
+        with self._lock:
+            made = self._stores.get(kind)
+            if made is not None and made[0] == pid:
+                return made[1]
+            client = self._client if made is None else None
+            if client is None and kind == "prompt":
+                client = make_client(self.config, prompt=True)
+            store = OutboxStore(self.config, client=client, clock=self._clock)
+            self._stores[kind] = (pid, store)
+            return store
 
     @property
     def writer(self) -> Writer:

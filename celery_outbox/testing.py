@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["DynamoDBLocal", "MotoServer", "free_port", "install_dynamodb_local"]
 
@@ -108,7 +108,28 @@ def _wait_http(url: str, deadline_s: float, proc: subprocess.Popen[Any] | None) 
     raise RuntimeError(f"nothing answered at {url} within {deadline_s} s")
 
 
-class DynamoDBLocal:
+class _Service:
+    """A server the tests start and stop; ``with`` does both."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class DynamoDBLocal(_Service):
     """AWS's DynamoDB Local, in memory, on a free port (needs Java 17).
 
     Args:
@@ -167,17 +188,6 @@ class DynamoDBLocal:
                 self._proc.kill()
         self._proc = None
 
-    def __enter__(self) -> DynamoDBLocal:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class _OneAtATime:
     """A WSGI app that serves one request at a time.
@@ -197,7 +207,7 @@ class _OneAtATime:
             return list(self.app(environ, start_response))
 
 
-class MotoServer:
+class MotoServer(_Service):
     """moto's AWS server in a thread of this process, on a free port.
 
     Requests are served one at a time, so conditional writes are atomic as
@@ -232,17 +242,6 @@ class MotoServer:
         if self._server is not None:
             self._server.stop()
             self._server = None
-
-    def __enter__(self) -> MotoServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
