@@ -199,13 +199,18 @@ class HandlerTask(Task):  # type: ignore[misc]
         attempt; if the child had written the event back, the lease is gone
         and this changes nothing. Nor does it when another delivery of the
         same lease's message (a resent one) started the handler: that run
-        goes on, and its outcome is the one written. The write gives up
-        within seconds (:attr:`Outbox.prompt_store`): while it waits, the
-        main process neither takes messages nor watches its children, and
-        if it gives up the lease's expiry brings the event back.
+        goes on, and its outcome is the one written. Where starts are never
+        deferred (``write_mode="item"``), a child lost before its start mark
+        was written never ran the handler: that costs no attempt, and the
+        lease's expiry sends the event again. The write gives up within
+        seconds (:attr:`Outbox.prompt_store`): while it waits, the main
+        process neither takes messages nor watches its children, and if it
+        gives up the lease's expiry brings the event back.
         """
         final = lease.retry_count + 1 > self.retry_limit()
         error = f"WorkerLost: {type(reason).__name__}: {reason}"
+        # Only the class: this process runs no handler and needs no writer.
+        defers = writeback.writer_class(self.outbox.config.write_mode).defers_starts
         self._fail(
             lease,
             error,
@@ -213,6 +218,7 @@ class HandlerTask(Task):  # type: ignore[misc]
             what="lost attempt's failure",
             store=self.outbox.prompt_store,
             own_start=True,
+            unstarted=defers,
         )
 
     def retry_limit(self, max_retries: int | None = None) -> int:
@@ -315,6 +321,7 @@ class HandlerTask(Task):  # type: ignore[misc]
         what: str = "failure",
         store: OutboxStore | None = None,
         own_start: bool = False,
+        unstarted: bool = True,
     ) -> None:
         if store is None:
             store = self.outbox.store
@@ -325,7 +332,12 @@ class HandlerTask(Task):  # type: ignore[misc]
 
         def write(lease: Lease) -> Outcome:
             return store.fail(
-                lease, error, delay_ms=delay_ms, final=final, own_start=own_start
+                lease,
+                error,
+                delay_ms=delay_ms,
+                final=final,
+                own_start=own_start,
+                unstarted=unstarted,
             )
 
         outcome = self._write_back(lease, what, write)

@@ -390,6 +390,7 @@ class OutboxStore(Emits, TableSetup, Inspection):
         delay_ms: int | None = None,
         final: bool = False,
         own_start: bool = False,
+        unstarted: bool = True,
     ) -> Outcome:
         """Record that ``lease``'s attempt failed with ``error``.
 
@@ -398,7 +399,10 @@ class OutboxStore(Emits, TableSetup, Inspection):
         event stays in the index, sorted by failure time. A stale lease
         changes nothing. With ``own_start``, neither does a lease whose
         handler another delivery of its message started (``runningBy`` is
-        not ``lease.copy``): that delivery's run is not this failure's.
+        not ``lease.copy``): that delivery's run is not this failure's. With
+        ``unstarted=False`` too, a lease with no start mark is left alone as
+        well: its handler never ran, so the attempt must not count, and the
+        lease's expiry sends the event again.
         """
         lease = _check_lease(lease)
         if delay_ms is not None and (
@@ -425,7 +429,10 @@ class OutboxStore(Emits, TableSetup, Inspection):
             ":err": {"S": self.short_error(error)},
         }
         if own_start:
-            condition += " AND (attribute_not_exists(#running) OR #copy = :copy)"
+            own = "#copy = :copy"
+            if unstarted:
+                own = f"(attribute_not_exists(#running) OR {own})"
+            condition += f" AND {own}"
             values[":copy"] = {"S": lease.copy or ""}
         done = self._update(
             lease.event.id,

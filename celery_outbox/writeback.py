@@ -426,11 +426,14 @@ class BatchWriter:
         self.buffer.flush()
 
 
+def writer_class(mode: WriteMode) -> type[ItemWriter | BatchWriter]:
+    """The writer class of write mode ``mode``."""
+    return BatchWriter if mode is WriteMode.PARTIQL else ItemWriter
+
+
 def make_writer(store: OutboxStore) -> Writer:
     """The writer for ``store.config.write_mode``."""
-    if store.config.write_mode is WriteMode.PARTIQL:
-        return BatchWriter(store)
-    return ItemWriter(store)
+    return writer_class(store.config.write_mode)(store)
 
 
 _live: weakref.WeakSet[WriteBuffer] = weakref.WeakSet()
