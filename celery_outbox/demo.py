@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -255,6 +254,23 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
+def _check_broker(url: str) -> None:
+    """Fail at once, with kombu's reason, when ``url`` names no broker we reach.
+
+    Without it a worker pointed at a wrong URL exits before it logs anything,
+    and one pointed at a broker that is down retries until the timeout.
+    """
+    app = Celery("celery_outbox.demo.check", broker=url)
+    app.conf.broker_connection_timeout = 3
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot reach the broker {url}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def _embedded_broker(folder: Path) -> tuple[str, dict[str, Any]]:
     """kombu's filesystem transport: plain files, shared across processes."""
     messages = folder / "broker"
@@ -275,9 +291,6 @@ def _dynamodb(endpoint: str | None) -> Iterator[str]:
         fake_credentials()
         yield endpoint
         return
-    # moto's server logs every request through werkzeug; keep the demo's
-    # output to the demo.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = MotoServer()
     with contextlib.redirect_stdout(sys.stderr):  # its banner, not our output
         server.start()
@@ -298,21 +311,27 @@ def _worker(run: Run, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
         "--without-mingle", "--without-gossip", "--without-heartbeat",
         "-l", "info" if run.log_file else "warning", "-f", str(log),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        command,
-        env=run.env(folder),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own group: beat and pool go with it
-    )
+    # What the worker prints before its logging is set up (a bad setting, an
+    # import error) goes to stderr, not to its log.
+    stderr = folder / "worker.stderr"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            command,
+            env=run.env(folder),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its own group: beat and pool go with it
+        )
     try:
         yield proc
     except BaseException:
-        if log.exists():
-            tail = log.read_text(errors="replace").splitlines()[-30:]
-            click.echo("The worker's log ends with:", err=True)
-            click.echo("\n".join(f"  {line}" for line in tail), err=True)
+        for name, path in (("log", log), ("error output", stderr)):
+            text = path.read_text(errors="replace") if path.exists() else ""
+            if text.strip():
+                tail = text.splitlines()[-30:]
+                click.echo(f"The worker's {name} ends with:", err=True)
+                click.echo("\n".join(f"  {line}" for line in tail), err=True)
         raise
     finally:
         _stop(proc)
@@ -476,6 +495,7 @@ def run_demo(
         if broker == EMBEDDED:
             run.broker, run.transport = _embedded_broker(folder)
         else:
+            _check_broker(broker)
             run.broker = broker
         with _dynamodb(dynamodb_endpoint) as endpoint:
             run.endpoint = endpoint
@@ -498,8 +518,11 @@ def run_demo(
                     elapsed = time.monotonic() - start
                     items = _scan(outbox)
                     failed = [f.as_dict() for f in outbox.store.iter_failed()]
-                    say("Operator: ERP is back; retrying one failed event...")
-                    retried = _operator_retry(outbox, run, deadline)
+                    retried: dict[str, Any] = {}
+                    if failed:
+                        say("Operator: ERP is back; retrying one failed event...")
+                        retried = _operator_retry(outbox, run, deadline)
+                        retried["after"] = _counts(_scan(outbox))
                     if worker.poll() is not None:
                         raise click.ClickException(
                             f"the worker exited with {worker.returncode}"
@@ -510,6 +533,12 @@ def run_demo(
                     outbox.store.client.delete_table(TableName=run.orders)
                 _forget_queue(run)
     return _summary(run, items, failed, retried, elapsed)
+
+
+def _counts(items: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of ``items`` are completed and failed."""
+    statuses = [i["status"]["S"] for i in items]
+    return {name: statuses.count(name) for name in ("completed", "failed")}
 
 
 def _forget_queue(run: Run) -> None:
@@ -571,16 +600,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
     echo(f"  {'throughput':<12} {summary['events_per_s']} events/s")
     if summary["failed_events"]:
         echo("")
-        echo("Failed events")
+        echo("Failed events (before the operator retry)")
         for event in summary["failed_events"]:
             echo(
-                f"  {event['id']}  {event['type']}  retries {event['retry_count']}"
-                f"  {event['last_error']}"
+                f"  {event['id']}  {event['type']}  failed attempts "
+                f"{event['retry_count']}  {event['last_error']}"
             )
     retry = summary["operator_retry"]
     if retry:
         echo("")
         echo(f"Operator retry of {retry['id']}: {retry['outcome']}")
+        after = retry["after"]
+        echo(f"  now completed {after['completed']}, failed {after['failed']}")
     echo("")
     echo("Every event ended as intended." if summary["ok"] else "Some events did not!")
 

@@ -223,6 +223,15 @@ class DynamoTable:
                     "exist (the outbox's is checked by `celery -A proj outbox "
                     "check`)",
                 ) from exc
+            if code != "TransactionCanceledException" and tables != [self.table]:
+                # Rejected as a whole (a bad expression, say): any action may
+                # be at fault, the caller's as likely as the outbox's.
+                message = exc.response.get("Error", {}).get("Message", str(exc))
+                raise StoreError(
+                    f"DynamoDB transaction over the tables {tables} failed: "
+                    f"{code}: {message}",
+                    code,
+                ) from exc
             if code != "TransactionCanceledException":
                 raise self._error("transaction", exc) from exc
             reasons = exc.response.get("CancellationReasons") or []

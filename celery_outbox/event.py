@@ -274,10 +274,16 @@ class FailedEvent:
     failed_ms: int
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """A JSON-serialisable dict.
+
+        It has no ``attempt``: a failed event has no next attempt until an
+        operator retries it; ``retry_count`` says how many failed.
+        """
         failed_at = datetime.fromtimestamp(self.failed_ms / 1000, UTC)
+        event = self.event.as_dict()
+        del event["attempt"]
         return {
-            **self.event.as_dict(),
+            **event,
             "retry_count": self.retry_count,
             "last_error": self.last_error,
             "failed_at": iso(failed_at),

@@ -138,19 +138,14 @@ def config_from_app(app: Any, **overrides: Any) -> OutboxConfig:
             message names the setting as the user writes it
             (``outbox_batch_size: ...`` or ``CELERY_OUTBOX_BATCH_SIZE: ...``).
     """
-    names = set(OutboxConfig.option_names())
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(
-            unknown[0],
-            f"unknown outbox option; the options are: {', '.join(sorted(names))}",
-        )
     values = {k: v for k, v in _user_values(app).items() if v is not None}
     values.update(overrides)
     try:
         return OutboxConfig(**values)
     except ConfigError as exc:
         if exc.option in overrides:
+            # A keyword of Outbox(...), misspelt ones included: OutboxConfig
+            # names it as written, with the option meant.
             raise
         message = str(exc).split(": ", 1)[-1]
         raise ConfigError(setting_name(app, exc.option), message) from None

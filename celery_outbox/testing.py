@@ -15,6 +15,7 @@ time (CI does).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -228,6 +229,9 @@ class MotoServer(_Service):
                 "moto is not installed; pip install 'celery_outbox[embedded]'"
             ) from exc
         fake_credentials()
+        # werkzeug logs every request at INFO; a caller that wants them can
+        # lower the level again.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server = ThreadedMotoServer(
             ip_address="127.0.0.1", port=self.port, verbose=False
         )

@@ -100,6 +100,13 @@ class TestSettings:
         ):
             Outbox(app_from(source, "CELERY")).config  # noqa: B018
 
+    def test_a_misspelt_keyword_beside_an_app_suggests_the_option(self) -> None:
+        """A keyword of ``Outbox(app, ...)`` is named as written, with the
+        option meant, as without an app."""
+        with pytest.raises(ConfigError, match="did you mean 'batch_size'") as info:
+            Outbox(Celery("a"), batchsize=5).config  # noqa: B018
+        assert info.value.option == "batchsize"
+
     def test_setting_name(self) -> None:
         """setting_name gives the spelling of the app's namespace."""
         assert outbox_settings.setting_name(Celery("a"), "batch_size") == (

@@ -53,10 +53,48 @@ def test_demo_json_reports_every_event(
     assert failed[0]["type"] == "order.exported"
     assert failed[0]["retry_count"] == 3
     assert failed[0]["last_error"].startswith("ERPUnavailable: ERP rejected order")
+    assert "attempt" not in failed[0]  # failed: no next attempt to name
     assert summary["operator_retry"] == {
         "id": failed[0]["id"],
         "retried": True,
         "outcome": "completed",
+        "after": {"completed": 50, "failed": 0},
     }
     assert isinstance(summary["events_per_s"], float)
     assert summary["broker"] == (url if broker == "redis" else "filesystem://")
+
+
+def test_demo_without_failures_retries_nothing(redis_url: str) -> None:
+    """Too few orders to reach the offline ERP: no failed event to retry."""
+    done = subprocess.run(
+        [*CONSOLE, "--events", "5", "--broker", redis_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "Operator" not in done.stderr + done.stdout
+    assert "Every event ended as intended." in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("bogus://x", "No such transport: bogus"),
+        ("redis://127.0.0.1:1/0", "Connection refused"),
+    ],
+)
+def test_demo_names_a_broker_it_cannot_reach(url: str, reason: str) -> None:
+    """A wrong or unreachable broker fails at once with kombu's reason."""
+    done = subprocess.run(
+        [*CONSOLE, "--broker", url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"cannot reach the broker {url}" in done.stderr
+    assert reason in done.stderr
+    assert "Starting a Celery worker" not in done.stderr
