@@ -276,7 +276,13 @@ class BatchStore:
         # The TypeScript adapter marks an event active as its handler starts.
         started = ev.RUNNING_SINCE in item or not seen
         retry, retry_values = self._retry_condition(item)
-        where = f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} AND "
+        # A token pins the round; an event the TypeScript adapter holds has
+        # none, so the round is named as read (see _round_condition).
+        round_, round_values = self._round_condition(item)
+        where = (
+            f"WHERE {ID} = ? AND {STATUS} = ? AND {SK} <= ? AND {retry} "
+            f"AND {round_} AND "
+        )
         if seen:
             where += f"{TOKEN} = ? AND {RUNNING} IS {'NOT ' if started else ''}MISSING"
         else:
@@ -286,6 +292,7 @@ class BatchStore:
             _s(self.keys.value(Status.ACTIVE, event_id)),
             _n(now),
             *retry_values,
+            *round_values,
             *([_s(seen)] if seen else []),
         )
         if seen and not started:

@@ -151,6 +151,30 @@ def test_claim_refuses_a_copy_from_before_an_operator_retry(
     assert (lease.event.attempt, lease.event.operator_retries) == (1, 1)
 
 
+def test_a_reclaim_refuses_an_unleased_copy_from_before_an_operator_retry(
+    make: Any,
+) -> None:
+    """An event the TypeScript adapter holds active has no token to pin the
+    round: a stale copy of the round before an operator retry (active, same
+    retry count) must not reclaim it as that round."""
+    clock = Clock()
+    store, batches = make(clock=clock)
+    stale = {
+        ev.ID: {"S": "ts-1"},
+        ev.TYPE: {"S": "user.created"},
+        ev.PAYLOAD: {"M": {}},
+        ev.OCCURRED_AT: {"S": "2026-12-03T13:51:00.123Z"},
+        ev.STATUS: {"S": "active"},
+        ev.SORT_KEY: {"N": str(clock.now - 1)},
+        ev.RETRY_COUNT: {"N": "0"},
+    }
+    now = {**stale, ev.OPERATOR_RETRIES: {"N": "1"}}
+    store.client.put_item(TableName=store.table, Item=now)
+    assert batches.claim_items([], expired=[stale]).leases == []
+    (lease,) = batches.claim_items([], expired=[now]).leases
+    assert (lease.event.attempt, lease.event.operator_retries) == (2, 1)
+
+
 def test_start_marks_name_their_delivery_until_the_next_claim(make: Any) -> None:
     """Both kinds of start write ``runningBy``; a reclaim clears it."""
     clock = Clock()
