@@ -199,10 +199,11 @@ class HandlerTask(Task):  # type: ignore[misc]
         attempt; if the child had written the event back, the lease is gone
         and this changes nothing. Nor does it when another delivery of the
         same lease's message (a resent one) started the handler: that run
-        goes on, and its outcome is the one written. Where starts are never
-        deferred (``write_mode="item"``), a child lost before its start mark
-        was written never ran the handler: that costs no attempt, and the
-        lease's expiry sends the event again. The write gives up within
+        goes on, and its outcome is the one written. Where the start could
+        not be deferred (``write_mode="item"``, or a resent lease or a task
+        acknowledged late, see :meth:`may_defer`), a child lost before its
+        start mark was written never ran the handler: that costs no attempt,
+        and the lease's expiry sends the event again. The write gives up within
         seconds (:attr:`Outbox.prompt_store`): while it waits, the main
         process neither takes messages nor watches its children, and if it
         gives up the lease's expiry brings the event back.
@@ -211,6 +212,9 @@ class HandlerTask(Task):  # type: ignore[misc]
         error = f"WorkerLost: {type(reason).__name__}: {reason}"
         # Only the class: this process runs no handler and needs no writer.
         defers = writeback.writer_class(self.outbox.config.write_mode).defers_starts
+        # A resent lease or a late-acknowledged task never defers its mark
+        # (may_defer): with none written, its handler never ran.
+        defers = defers and not (lease.resent or self.acks_late)
         self._fail(
             lease,
             error,

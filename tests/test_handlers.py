@@ -608,6 +608,29 @@ class TestWriteBack:
         finally:
             outbox.store.delete_table()
 
+    @pytest.mark.parametrize("why", ["resent", "acks_late"])
+    def test_a_partiql_child_that_could_not_defer_its_mark(
+        self, moto_endpoint: str, why: str
+    ) -> None:
+        """A resent lease, or a task acknowledged late, never defers its start
+        mark (``may_defer``): in partiql mode too, a child lost with no mark
+        never ran the handler, and the loss costs no attempt."""
+        outbox = eager_outbox(moto_endpoint, write_mode="partiql")
+        try:
+
+            @outbox.handler("order.created", acks_late=why == "acks_late")
+            def handle(event: Event) -> None: ...
+
+            outbox.emit("order.created")
+            (lease,) = outbox.store.claim().leases
+            lease = dataclasses.replace(lease, copy="c", resent=why == "resent")
+            handle.lost(lease, WorkerLostError("oom"))
+            stored = item(outbox, lease.event.id)
+            assert stored["retryCount"]["N"] == "0"
+            assert stored["status"]["S"] == "active" and "leaseToken" in stored
+        finally:
+            outbox.store.delete_table()
+
     def test_the_main_process_gives_up_its_report_within_seconds(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
     ) -> None:
