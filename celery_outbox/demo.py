@@ -450,12 +450,10 @@ def _scan(outbox: Outbox, projection: str | None = None) -> list[dict[str, Any]]
     return items
 
 
-def _operator_retry(outbox: Outbox, run: Run, deadline: float) -> dict[str, Any]:
+def _operator_retry(
+    outbox: Outbox, run: Run, event_id: str, deadline: float
+) -> dict[str, Any]:
     """Bring the ERP back, retry one failed event, wait for it to complete."""
-    page = outbox.store.failed(limit=1)
-    if not page.events:
-        return {}
-    event_id = page.events[0].event.id
     outbox.store.client.put_item(
         TableName=run.orders, Item={"id": {"S": "config#erp"}, "online": {"BOOL": True}}
     )
@@ -521,7 +519,11 @@ def run_demo(
                     retried: dict[str, Any] = {}
                     if failed:
                         say("Operator: ERP is back; retrying one failed event...")
-                        retried = _operator_retry(outbox, run, deadline)
+                        # The event the summary lists first; asking the index
+                        # again could miss it while its copy lags.
+                        retried = _operator_retry(
+                            outbox, run, failed[0]["id"], deadline
+                        )
                         retried["after"] = _counts(_scan(outbox))
                     if worker.poll() is not None:
                         raise click.ClickException(
