@@ -397,12 +397,18 @@ class BatchStore:
     def _start(self, lease: Lease, now: int, deadline: int) -> Statement:
         event_id = lease.event.id
         by = ""
+        unstarted = f"{RUNNING} IS MISSING"
         by_values: tuple[dict[str, Any], ...] = ()
+        own: tuple[dict[str, Any], ...] = ()
         if lease.copy is not None:
             by, by_values = f"SET {RUNNING_BY} = ? ", (_s(lease.copy),)
+            # A resent batch (its reply was lost) finds this delivery's own
+            # mark: the handler has not run yet and must not be skipped.
+            unstarted = f"({unstarted} OR {RUNNING_BY} = ?)"
+            own = (_s(lease.copy),)
         return Statement(
             f"UPDATE {self.table} SET {SK} = ? SET {RUNNING} = ? {by}"
-            f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ? AND {RUNNING} IS MISSING",
+            f"WHERE {ID} = ? AND {STATUS} = ? AND {TOKEN} = ? AND {unstarted}",
             (
                 _n(deadline),
                 _n(now),
@@ -410,6 +416,7 @@ class BatchStore:
                 _s(event_id),
                 _s(self.keys.value(Status.ACTIVE, event_id)),
                 _s(lease.token),
+                *own,
             ),
             event_id,
         )

@@ -314,7 +314,8 @@ class OutboxStore(Emits, TableSetup, Inspection):
         longer live (the event was reclaimed or written back while the
         message waited) or another copy of its message already started it:
         nothing was written, and running the handler could run the event
-        twice.
+        twice. A lease that names its delivery (``copy``) may write its mark
+        again, so a resend after a lost reply still starts it.
         """
         lease = _check_lease(lease)
         now = self.clock()
@@ -326,13 +327,17 @@ class OutboxStore(Emits, TableSetup, Inspection):
             ":now": {"N": str(now)},
         }
         update = "SET #sk = :deadline, #running = :now"
+        unstarted = "attribute_not_exists(#running)"
         if lease.copy is not None:
             update += ", #copy = :copy"
             values[":copy"] = {"S": lease.copy}
+            # A resend of this very write (its reply was lost) finds its own
+            # mark: the handler has not run yet and must not be skipped.
+            unstarted = f"({unstarted} OR #copy = :copy)"
         done = self._update(
             lease.event.id,
             update,
-            "#status = :active AND #token = :token AND attribute_not_exists(#running)",
+            f"#status = :active AND #token = :token AND {unstarted}",
             values,
         )
         if done is None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from celery_outbox import Event, OutboxStore
 from celery_outbox.dynamo import wall_clock_ms
+from chaos.faults import FaultInjector
 
 
 class FakeClock:
@@ -67,3 +70,29 @@ def publish_many(store: OutboxStore, batch: list[Event]) -> None:
 def unique(prefix: str = "t") -> str:
     """A table name no other test uses."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def lose_next_reply(store: OutboxStore, operation: str) -> Iterator[list[str]]:
+    """Apply the next ``operation`` request, then answer it with a 500.
+
+    botocore's retry resends the request, which meets its own earlier write,
+    as when a connection drops after DynamoDB did the work. Yields the faults
+    injected, so a test can check that one was.
+    """
+    lost: list[str] = []
+    injector = FaultInjector(
+        1.0, lambda *args, op, **kwargs: lost.append(op), weights=(0, 0, 1)
+    )
+    name = f"before-send.dynamodb.{operation}"
+
+    def once(**kwargs: Any) -> Any:
+        if lost:
+            return None
+        return injector(**kwargs)
+
+    store.client.meta.events.register(name, once)
+    try:
+        yield lost
+    finally:
+        store.client.meta.events.unregister(name, once)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from store_support import lose_next_reply
 
 from celery_outbox import Event, OutboxConfig, OutboxStore, Outcome, Status
 from celery_outbox import event as ev
@@ -195,6 +196,22 @@ def test_start_marks_name_their_delivery_until_the_next_claim(make: Any) -> None
     for lease in reclaimed:
         stored = store.get_item(lease.event.id) or {}
         assert ev.RUNNING_BY not in stored and ev.RUNNING_SINCE not in stored
+
+
+def test_start_marks_resent_after_a_lost_reply_still_start(make: Any) -> None:
+    """A resent batch finds each delivery's own mark; another delivery's
+    start is still refused."""
+    store, batches = make()
+    publish(store, 2)
+    first, second = (
+        dataclasses.replace(lease, copy=f"copy-{n}")
+        for n, lease in enumerate(batches.claim().leases)
+    )
+    with lose_next_reply(store, "BatchExecuteStatement") as lost:
+        assert batches.write_back([first, second], []) == ([True, True], [], [])
+    assert lost == ["BatchExecuteStatement"]
+    other = dataclasses.replace(first, copy="copy-other")
+    assert batches.write_back([other], []) == ([False], [other], [])
 
 
 def test_expired_leases_are_redispatched_reclaimed_then_failed(make: Any) -> None:

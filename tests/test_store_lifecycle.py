@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from store_support import on_clock, publish_many, scan
+from store_support import lose_next_reply, on_clock, publish_many, scan
 
 from celery_outbox import (
     ClaimResult,
@@ -305,6 +306,20 @@ class TestPoisonCap:
         assert again.deadline_ms == clock.now + 1000
         assert store.begin(first) is not None  # the first copy to arrive runs
         assert store.begin(again) is None  # the other one must not
+
+    def test_a_start_mark_resent_after_a_lost_reply_still_starts(
+        self, store: OutboxStore
+    ) -> None:
+        """botocore's resend finds the delivery's own mark and starts it; a
+        second delivery of the same lease still may not."""
+        store.publish([Event.new("mark")])
+        lease = dataclasses.replace(claim_one(store), copy="first")
+        with lose_next_reply(store, "UpdateItem") as lost:
+            started = store.begin(lease)
+        assert lost == ["UpdateItem"] and started is not None
+        item = store.get_item(lease.event.id) or {}
+        assert item["runningBy"] == {"S": "first"}
+        assert store.begin(dataclasses.replace(lease, copy="second")) is None
 
     def test_expired_leases_go_first(self, store_factory: Factory) -> None:
         """A lost worker's event is reclaimed before newer due events."""
