@@ -43,6 +43,14 @@ def _keys(schema: list[dict[str, str]]) -> dict[str, str]:
     return {k["KeyType"]: k["AttributeName"] for k in schema}
 
 
+def _described(keys: dict[str, str], types: dict[str, str]) -> str:
+    """A key schema as error messages name it: ``hash key 'id' (S), ...``."""
+    return ", ".join(
+        f"{kind.lower()} key {name!r} ({types.get(name, '?')})"
+        for kind, name in sorted(keys.items())
+    )
+
+
 def _is_status_index(index: dict[str, Any]) -> bool:
     keys = _keys(index["KeySchema"])
     return keys.get("HASH") == ev.STATUS and keys.get("RANGE") == ev.SORT_KEY
@@ -153,15 +161,12 @@ class TableSetup(DynamoTable):
 
     def _check_key(self, keys: dict[str, str], types: dict[str, str]) -> None:
         if keys.get("HASH") != ev.ID or "RANGE" in keys or types.get(ev.ID) != "S":
-            described = ", ".join(
-                f"{kind.lower()} key {name!r} ({types.get(name, '?')})"
-                for kind, name in sorted(keys.items())
-            )
             raise TableError(
                 self.table,
-                f"table {self.table!r} has {described}; the outbox needs the "
-                "partition key 'id' of type S and no sort key. Create a new "
-                "table for the outbox (key schemas cannot be changed)",
+                f"table {self.table!r} has {_described(keys, types)}; the "
+                "outbox needs the partition key 'id' of type S and no sort "
+                "key. Create a new table for the outbox (key schemas cannot "
+                "be changed)",
             )
 
     def _check_index(
@@ -174,10 +179,7 @@ class TableSetup(DynamoTable):
         keys = _keys(index["KeySchema"])
         key_types = (types.get(ev.STATUS), types.get(ev.SORT_KEY))
         if not _is_status_index(index) or key_types != ("S", "N"):
-            found = ", ".join(
-                f"{kind.lower()} key {name!r} ({types.get(name, '?')})"
-                for kind, name in sorted(keys.items())
-            )
+            found = _described(keys, types)
             raise TableError(
                 self.table,
                 f"index {self.index!r} of table {self.table!r} has {found}; the "
