@@ -246,13 +246,7 @@ class Outbox:
                 f"publish takes a list of Event objects, got {type(events).__name__}"
                 "; emit writes a single event"
             )
-        events = list(events)
-        for event in events:
-            if not isinstance(event, Event):
-                raise EventError(
-                    f"publish takes Event objects (see Event.new), got "
-                    f"{type(event).__name__}"
-                )
+        events = _events("publish", events)
         target = collector if collector is not None else collectors.current()
         if target is None:
             self.store.publish(events)
@@ -312,13 +306,7 @@ class Outbox:
         id is never overwritten: it is listed in the report's ``existing``.
         Use :meth:`publish` when the events must be written together.
         """
-        events = list(events)
-        for event in events:
-            if not isinstance(event, Event):
-                raise EventError(
-                    f"publish_each takes Event objects (see Event.new), got "
-                    f"{type(event).__name__}"
-                )
+        events = _events("publish_each", events)
         report = self.writer.insert(events)
         if report.written:
             written = set(report.written)
@@ -387,3 +375,15 @@ class Outbox:
         from celery_outbox import tasks
 
         return tasks.drain(self)
+
+
+def _events(method: str, events: Iterable[Any]) -> list[Event]:
+    """``events`` as a list, or EventError naming the first that is no Event."""
+    listed = list(events)
+    for event in listed:
+        if not isinstance(event, Event):
+            raise EventError(
+                f"{method} takes Event objects (see Event.new), got "
+                f"{type(event).__name__}"
+            )
+    return listed
