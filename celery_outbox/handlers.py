@@ -333,6 +333,10 @@ class HandlerTask(Task):  # type: ignore[misc]
             # main process reporting a lost child passes its own store: the
             # buffer that held the child's mark died with the child.)
             self.outbox.writer.discard(lease)
+        # A delivery named by its worker fails only a run of its own: a start
+        # by another delivery of the same lease (sent again while this one's
+        # deferred mark waited past the deadline) is that delivery's to end.
+        own_start = own_start or lease.copy is not None
 
         def write(lease: Lease) -> Outcome:
             return store.fail(

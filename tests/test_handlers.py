@@ -582,6 +582,40 @@ class TestWriteBack:
         stored = item(outbox, lease.event.id)
         assert stored["status"]["S"] == "created" and stored["retryCount"]["N"] == "1"
 
+    @pytest.mark.parametrize("started_by", ["a", None, "b"])
+    def test_a_failure_ends_only_a_run_of_its_own(
+        self, outbox: Outbox, started_by: str | None
+    ) -> None:
+        """A handler's own failure is written over its own start mark or none
+        (a deferred mark may still wait), never over another delivery's."""
+
+        @outbox.handler("order.created")
+        def handle(event: Event) -> None: ...
+
+        outbox.emit("order.created")
+        (lease,) = outbox.store.claim().leases
+        if started_by is not None:
+            started = dataclasses.replace(lease, copy=started_by)
+            assert outbox.store.begin(started) is not None
+        args = [lease.event.as_dict()]
+        handle.push_request(
+            args=args,
+            headers={handlers.HEADER_LEASE: lease.token, handlers.HEADER_COPY: "a"},
+            called_directly=False,
+        )
+        try:
+            handle.on_failure(RuntimeError("boom"), "t", args, {}, None)
+        finally:
+            handle.pop_request()
+        stored = item(outbox, lease.event.id)
+        if started_by == "b":  # the other delivery's run goes on
+            assert stored["status"]["S"] == "active"
+            assert stored["runningBy"] == {"S": "b"}
+            assert stored["retryCount"]["N"] == "0"
+        else:
+            assert stored["status"]["S"] == "created"
+            assert stored["retryCount"]["N"] == "1"
+
     @pytest.mark.parametrize(
         ("write_mode", "counted"), [("item", False), ("partiql", True)]
     )
