@@ -527,6 +527,13 @@ MANAGEMENT = [
     ),
     Case(
         "management",
+        "failed listing above 1000",
+        lambda c: c.store.failed(limit=2**31),
+        ArgumentError,
+        "limit: expected a whole number from 1 to 1000",
+    ),
+    Case(
+        "management",
         "foreign cursor",
         lambda c: c.store.failed(cursor="bm90LWEtY3Vyc29y"),
         ArgumentError,
