@@ -33,6 +33,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import re
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -61,6 +62,8 @@ EXIT_USAGE = 2
 EXIT_PROBLEMS = 3
 EXIT_ABORTED = 4
 
+_REGION = re.compile(r"[a-z]{2,}(-[a-z]+)+-[0-9]+")
+"""An AWS region name: eu-west-1, us-gov-west-1, ap-southeast-3."""
 _OVERRIDES = "celery_outbox.overrides"
 _TRACEBACK = "celery_outbox.traceback"
 
@@ -415,6 +418,11 @@ def iam_policy(
     if account != "*" and not (account.isdigit() and len(account) == 12):
         raise click.BadParameter(
             "expected a 12-digit account id or *", param_hint="--account"
+        )
+    if policy_region != "*" and not _REGION.fullmatch(policy_region):
+        raise click.BadParameter(
+            f"expected an AWS region such as eu-west-1, or *, got {policy_region!r}",
+            param_hint="--region",
         )
     config = _outbox(ctx).config
     region = policy_region

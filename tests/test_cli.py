@@ -329,10 +329,21 @@ class TestIamPolicy:
         assert table["Resource"].startswith("arn:aws:dynamodb:ap-south-1:*:table/")
 
     @pytest.mark.parametrize(
-        "args", [["--account", "123"], ["--partition", "mars"], ["--region"]]
+        "args",
+        [
+            ["--account", "123"],
+            ["--partition", "mars"],
+            ["--region"],
+            ["--region", ""],
+            ["--region", "eu west 1"],
+            ["--region", "arn:aws:x"],
+        ],
     )
     def test_bad_arguments(self, app: Celery, args: list[str]) -> None:
-        """A malformed account, unknown partition or missing value exits with 2."""
+        """A malformed account, region, unknown partition or missing value: 2.
+
+        A bad region would otherwise print a policy whose ARNs match nothing.
+        """
         result = invoke(app, "iam-policy", *args)
         assert result.exit_code == EXIT_USAGE
         assert error_line(result).startswith("Error:")
