@@ -277,7 +277,8 @@ def failed(
         [f.event.id, f.event.type, str(f.retry_count), _when(f.failed_ms), f.last_error]
         for f in page.events
     ]
-    click.echo(_table(["EVENT ID", "TYPE", "RETRIES", "FAILED AT", "LAST ERROR"], rows))
+    header = ["EVENT ID", "TYPE", "FAILED ATTEMPTS", "FAILED AT", "LAST ERROR"]
+    click.echo(_table(header, rows))
     if page.cursor:
         click.echo(f"More failed events: add --cursor {page.cursor}", err=True)
 

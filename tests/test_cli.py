@@ -85,13 +85,17 @@ class TestFailed:
     """``outbox failed``."""
 
     def test_table_lists_failed_events(self, app: Celery) -> None:
-        """The table shows each failed event's id, type, retries and error."""
+        """The table shows each failed event's id, type, failed attempts and error.
+
+        The count is retryCount, every failed attempt: an event that failed on
+        its first attempt was never retried, so it must not read "RETRIES 1".
+        """
         event = Event.new("order.created", {"email": "alice@example.com"})
         fail_events(outbox_of(app), event)
         result = invoke(app, "failed")
         assert result.exit_code == 0, result.output
         header, row = result.stdout.splitlines()
-        assert header.split()[:3] == ["EVENT", "ID", "TYPE"]
+        assert header.split()[:5] == ["EVENT", "ID", "TYPE", "FAILED", "ATTEMPTS"]
         assert row.split()[:3] == [event.id, "order.created", "1"]
         assert row.endswith("ValueError: card declined")
         assert "alice" not in result.stdout
