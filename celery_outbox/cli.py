@@ -44,6 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from celery_outbox import diagnosis, iam, management, settings
 from celery_outbox.errors import OutboxError
+from celery_outbox.inspection import RetryReport
 from celery_outbox.outbox import Outbox
 
 __all__ = [
@@ -312,6 +313,9 @@ def retry(
     store = _outbox(ctx).store
     chosen = list(ids) or [f.event.id for f in store.iter_failed(type=event_type)]
     if not chosen:
+        if as_json:
+            click.echo(json.dumps(RetryReport().as_dict(), indent=2))
+            return
         of_type = f" of type {event_type!r}" if event_type else ""
         click.echo(f"No failed events{of_type}.")
         return

@@ -173,6 +173,16 @@ class TestRetry:
         assert json.loads(result.stdout)["retried"] == [two.id]
         assert outbox_of(app).store.status_of(one.id) is Status.FAILED
 
+    def test_all_failed_with_none_failed_is_still_json(self, app: Celery) -> None:
+        """--json prints the (empty) report when nothing is failed, for scripts."""
+        result = invoke(app, "retry", "--all-failed", "--yes", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {
+            "retried": [],
+            "missing": [],
+            "not_failed": [],
+        }
+
     def test_all_failed_asks_with_the_count(self, app: Celery) -> None:
         """The confirmation names how many events would be retried."""
         fail_events(outbox_of(app), Event.new("a.one"), Event.new("a.one"))
