@@ -33,6 +33,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import re
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from celery_outbox import diagnosis, iam, management, settings
 from celery_outbox.errors import OutboxError
+from celery_outbox.inspection import RetryReport
 from celery_outbox.outbox import Outbox
 
 __all__ = [
@@ -61,6 +63,8 @@ EXIT_USAGE = 2
 EXIT_PROBLEMS = 3
 EXIT_ABORTED = 4
 
+_REGION = re.compile(r"[a-z]{2,}(-[a-z]+)+-[0-9]+")
+"""An AWS region name: eu-west-1, us-gov-west-1, ap-southeast-3."""
 _OVERRIDES = "celery_outbox.overrides"
 _TRACEBACK = "celery_outbox.traceback"
 
@@ -274,7 +278,8 @@ def failed(
         [f.event.id, f.event.type, str(f.retry_count), _when(f.failed_ms), f.last_error]
         for f in page.events
     ]
-    click.echo(_table(["EVENT ID", "TYPE", "RETRIES", "FAILED AT", "LAST ERROR"], rows))
+    header = ["EVENT ID", "TYPE", "FAILED ATTEMPTS", "FAILED AT", "LAST ERROR"]
+    click.echo(_table(header, rows))
     if page.cursor:
         click.echo(f"More failed events: add --cursor {page.cursor}", err=True)
 
@@ -308,6 +313,9 @@ def retry(
     store = _outbox(ctx).store
     chosen = list(ids) or [f.event.id for f in store.iter_failed(type=event_type)]
     if not chosen:
+        if as_json:
+            click.echo(json.dumps(RetryReport().as_dict(), indent=2))
+            return
         of_type = f" of type {event_type!r}" if event_type else ""
         click.echo(f"No failed events{of_type}.")
         return
@@ -415,6 +423,11 @@ def iam_policy(
     if account != "*" and not (account.isdigit() and len(account) == 12):
         raise click.BadParameter(
             "expected a 12-digit account id or *", param_hint="--account"
+        )
+    if policy_region != "*" and not _REGION.fullmatch(policy_region):
+        raise click.BadParameter(
+            f"expected an AWS region such as eu-west-1, or *, got {policy_region!r}",
+            param_hint="--region",
         )
     config = _outbox(ctx).config
     region = policy_region

@@ -53,7 +53,24 @@ __all__ = [
 
 
 class OutboxError(Exception):
-    """Base class of every error raised by celery_outbox."""
+    """Base class of every error raised by celery_outbox.
+
+    An error's ``args`` are the arguments it was made with, so pickle and
+    Celery's result backends, which rebuild an error as
+    ``type(error)(*error.args)``, hand a management task's caller the same
+    typed error; ``str(error)`` is its message.
+    """
+
+    _text: str | None = None
+
+    def _made_with(self, *args: object) -> None:
+        """Keep the message, and ``args`` as the constructor's arguments."""
+        if self._text is None:
+            self._text = Exception.__str__(self)
+        self.args = args
+
+    def __str__(self) -> str:
+        return Exception.__str__(self) if self._text is None else self._text
 
 
 class ConfigError(OutboxError, ValueError):
@@ -65,6 +82,7 @@ class ConfigError(OutboxError, ValueError):
 
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
+        self._made_with(option, message)
         self.option = option
 
 
@@ -77,6 +95,7 @@ class ArgumentError(OutboxError, ValueError):
 
     def __init__(self, argument: str, message: str) -> None:
         super().__init__(f"{argument}: {message}")
+        self._made_with(argument, message)
         self.argument = argument
 
 
@@ -93,6 +112,7 @@ class PayloadError(EventError):
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")
+        self._made_with(path, message)
         self.path = path
 
 
@@ -110,6 +130,7 @@ class ItemTooLargeError(EventError):
             f"DynamoDB's limit is 400 KB ({limit:,} bytes). Store large bodies "
             "elsewhere (S3) and put a reference in the payload."
         )
+        self._made_with(event_id, size, limit)
         self.event_id = event_id
         self.size = size
 
@@ -138,6 +159,7 @@ class DuplicateEventError(CollectorError):
 
     def __init__(self, event_id: str, message: str) -> None:
         super().__init__(message)
+        self._made_with(event_id, message)
         self.event_id = event_id
 
 
@@ -150,6 +172,7 @@ class TableError(OutboxError):
 
     def __init__(self, table: str, message: str) -> None:
         super().__init__(message)
+        self._made_with(table, message)
         self.table = table
 
 
@@ -163,6 +186,7 @@ class StoreError(OutboxError):
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
+        self._made_with(message, code)
         self.code = code
 
 
@@ -179,6 +203,7 @@ class EventExistsError(StoreError):
             f"event {ids} already exists; an outbox event is never overwritten",
             "ConditionalCheckFailedException",
         )
+        self._made_with(list(event_ids))
         self.event_ids = list(event_ids)
 
 
@@ -192,6 +217,7 @@ class EventNotFoundError(StoreError):
     def __init__(self, event_ids: Sequence[str]) -> None:
         ids = ", ".join(repr(i) for i in event_ids)
         super().__init__(f"no outbox event has the id {ids}; nothing was changed")
+        self._made_with(list(event_ids))
         self.event_ids = list(event_ids)
 
 
@@ -209,6 +235,7 @@ class EventStatusError(StoreError):
             f"only {expected} events can be changed by this call, but {found}; "
             "nothing was changed"
         )
+        self._made_with(dict(statuses), expected)
         self.statuses = dict(statuses)
         self.expected = expected
 
@@ -223,6 +250,7 @@ class TransactionCancelledError(StoreError):
 
     def __init__(self, message: str, reasons: Sequence[str]) -> None:
         super().__init__(message, "TransactionCanceledException")
+        self._made_with(message, list(reasons))
         self.reasons = list(reasons)
 
 
@@ -238,6 +266,7 @@ class UnprocessedItemsError(StoreError):
             "DynamoDB left these events unprocessed after retries: "
             + ", ".join(repr(i) for i in event_ids)
         )
+        self._made_with(list(event_ids))
         self.event_ids = list(event_ids)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery_outbox.config import Completion, OutboxConfig
+from celery_outbox.config import Completion, OutboxConfig, WriteMode
 
 __all__ = ["INDEX_ACTIONS", "SETUP_ACTIONS", "policy", "table_actions"]
 
@@ -36,6 +36,14 @@ _BY_COMPLETION = {
         "dynamodb:DescribeTimeToLive",  # check: kept events need the TTL
     ),
 }
+# write_mode "partiql" sends claims, start marks and completions as PartiQL
+# statements (BatchExecuteStatement), which IAM authorises by their verb,
+# and publish_each as INSERT statements. Completions are never DeleteItem.
+_PARTIQL = ("dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate")
+_PARTIQL_BY_COMPLETION = {
+    Completion.DELETE: ("dynamodb:PartiQLDelete",),  # completion deletes
+    Completion.KEEP: _BY_COMPLETION[Completion.KEEP],
+}
 
 
 def table_actions(config: OutboxConfig, *, setup: bool = False) -> list[str]:
@@ -43,9 +51,15 @@ def table_actions(config: OutboxConfig, *, setup: bool = False) -> list[str]:
 
     They depend on ``completion``: deleting completed events needs
     ``DeleteItem``; keeping them needs the purge's ``BatchWriteItem`` and the
-    TTL check's ``DescribeTimeToLive`` instead.
+    TTL check's ``DescribeTimeToLive`` instead. With ``write_mode =
+    "partiql"`` claims and completions are PartiQL statements, which need
+    ``PartiQLUpdate``, ``PartiQLInsert`` and, to delete completed events,
+    ``PartiQLDelete`` instead of ``DeleteItem``.
     """
-    actions = _ALWAYS + _BY_COMPLETION[config.completion]
+    if config.write_mode is WriteMode.PARTIQL:
+        actions = _ALWAYS + _PARTIQL + _PARTIQL_BY_COMPLETION[config.completion]
+    else:
+        actions = _ALWAYS + _BY_COMPLETION[config.completion]
     return sorted(actions + (SETUP_ACTIONS if setup else ()))
 
 

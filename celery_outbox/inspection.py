@@ -99,6 +99,10 @@ def _whole(argument: str, value: Any, minimum: int) -> int:
     return value
 
 
+MAX_PAGE = 1000
+"""The largest page of failed events (``failed``'s ``limit``), as in the CLI."""
+
+
 def encode_cursor(key: dict[str, Any]) -> str:
     """An opaque, URL-safe cursor for an index position."""
     raw = json.dumps(key, separators=(",", ":"), sort_keys=True).encode()
@@ -149,8 +153,13 @@ class Inspection(DynamoTable):
         """Failed events, newest failure first, ``limit`` at a time.
 
         Pass the returned ``cursor`` to get the next page; it is None after
-        the last one. ``type`` keeps only events of that type.
+        the last one. ``type`` keeps only events of that type. ``limit`` is
+        1 to :data:`MAX_PAGE` (1000).
         """
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_PAGE:
+            raise ArgumentError(
+                "limit", f"expected a whole number from 1 to {MAX_PAGE}, got {limit}"
+            )
         limit = _whole("limit", limit, 1)
         if type is not None and (not isinstance(type, str) or not type):
             raise ArgumentError("type", f"expected an event type, got {type!r}")
@@ -298,6 +307,8 @@ class Inspection(DynamoTable):
         """
         older_than_ms = _whole("older_than_ms", older_than_ms, 0)
         cutoff = self.clock() - older_than_ms
+        if cutoff < 0:
+            return 0  # nothing completed before the epoch
         purged = 0
         values = {":s": {"S": Status.COMPLETED.value}, ":cut": {"N": str(cutoff)}}
         for page in self._query_pages(

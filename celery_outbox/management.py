@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.log import get_task_logger
 
 from celery_outbox import redaction
+from celery_outbox.errors import ArgumentError
 
 if TYPE_CHECKING:
     from celery_outbox.outbox import Outbox
@@ -99,13 +100,21 @@ def register(outbox: Outbox) -> None:
         """Retry failed events: ``ids``, or all failed ones (of ``type``).
 
         Returns which ids were retried, which are not stored and which were
-        not ``failed`` (left untouched).
+        not ``failed`` (left untouched). Ids given, even none, are the only
+        ones retried; ``type`` narrows the retry of all failed events and is
+        refused with ids, as in ``celery outbox retry``.
         """
-        if ids:
+        if ids is not None and type is not None:
+            raise ArgumentError(
+                "type",
+                "narrows the retry of all failed events (ids=None); "
+                "it does not filter ids",
+            )
+        if ids is not None:
             report = outbox.store.retry(ids)
         else:
             report = outbox.store.retry_failed(type=type)
-        if ids:
+        if ids is not None:
             chosen = "given ids"
         else:
             chosen = f"failed events of type {type!r}" if type else "all failed events"

@@ -11,7 +11,9 @@ table and the collector must be exactly as before.
 from __future__ import annotations
 
 import copy
+import json
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -525,6 +527,13 @@ MANAGEMENT = [
     ),
     Case(
         "management",
+        "failed listing above 1000",
+        lambda c: c.store.failed(limit=2**31),
+        ArgumentError,
+        "limit: expected a whole number from 1 to 1000",
+    ),
+    Case(
+        "management",
         "foreign cursor",
         lambda c: c.store.failed(cursor="bm90LWEtY3Vyc29y"),
         ArgumentError,
@@ -682,3 +691,45 @@ def test_catalogue_size_and_hierarchy() -> None:
     for case in STORE_CASES:
         assert case.error.__name__ in documented
         assert case.error.__name__ in (errors.__doc__ or "")
+
+
+ERROR_SAMPLES: list[OutboxError] = [
+    ConfigError("batch_size", "must be at least 1, got 0"),
+    ArgumentError("limit", "expected a whole number of at least 1, got 0"),
+    PayloadError("payload['a']", "set is not JSON-compatible; use a list"),
+    ItemTooLargeError("e-1", 500_000, 409_600),
+    DuplicateEventError("e-1", "event 'e-1' twice in one transaction"),
+    TableError("outbox", "table 'outbox' does not exist"),
+    errors.StoreError("DynamoDB query failed", "ThrottlingException"),
+    EventExistsError(["e-1"]),
+    EventNotFoundError(["e-1", "e-2"]),
+    EventStatusError({"e-1": "active"}, "failed"),
+    errors.TransactionCancelledError("cancelled", ["None", "ConditionalCheckFailed"]),
+    errors.UnprocessedItemsError(["e-1"]),
+    errors.HandlerError("no handler is registered for event type 'x'"),
+]
+
+
+@pytest.mark.parametrize(
+    "error", ERROR_SAMPLES, ids=[type(e).__name__ for e in ERROR_SAMPLES]
+)
+def test_errors_survive_celery_results(error: OutboxError) -> None:
+    """An error keeps its class, message and attributes through a result backend.
+
+    A management task's error reaches its caller (Flower, ``.get()``) through
+    Celery: the worker pickles it, a JSON backend rebuilds it as
+    ``type(error)(*error.args)``. Either way the caller must get the typed
+    error, not a bare OutboxError or Exception.
+    """
+    from celery import Celery
+    from celery.utils.serialization import get_pickleable_exception
+
+    backend = Celery("errors", set_as_current=False).backend
+    pickled = pickle.loads(pickle.dumps(error))
+    traced = get_pickleable_exception(error)
+    stored = backend.prepare_exception(error, "json")
+    rebuilt = backend.exception_to_python(json.loads(json.dumps(stored)))
+    for copy_ in (pickled, traced, rebuilt):
+        assert type(copy_) is type(error)
+        assert str(copy_) == str(error)
+        assert vars(copy_) == vars(error)

@@ -85,13 +85,17 @@ class TestFailed:
     """``outbox failed``."""
 
     def test_table_lists_failed_events(self, app: Celery) -> None:
-        """The table shows each failed event's id, type, retries and error."""
+        """The table shows each failed event's id, type, failed attempts and error.
+
+        The count is retryCount, every failed attempt: an event that failed on
+        its first attempt was never retried, so it must not read "RETRIES 1".
+        """
         event = Event.new("order.created", {"email": "alice@example.com"})
         fail_events(outbox_of(app), event)
         result = invoke(app, "failed")
         assert result.exit_code == 0, result.output
         header, row = result.stdout.splitlines()
-        assert header.split()[:3] == ["EVENT", "ID", "TYPE"]
+        assert header.split()[:5] == ["EVENT", "ID", "TYPE", "FAILED", "ATTEMPTS"]
         assert row.split()[:3] == [event.id, "order.created", "1"]
         assert row.endswith("ValueError: card declined")
         assert "alice" not in result.stdout
@@ -168,6 +172,16 @@ class TestRetry:
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["retried"] == [two.id]
         assert outbox_of(app).store.status_of(one.id) is Status.FAILED
+
+    def test_all_failed_with_none_failed_is_still_json(self, app: Celery) -> None:
+        """--json prints the (empty) report when nothing is failed, for scripts."""
+        result = invoke(app, "retry", "--all-failed", "--yes", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {
+            "retried": [],
+            "missing": [],
+            "not_failed": [],
+        }
 
     def test_all_failed_asks_with_the_count(self, app: Celery) -> None:
         """The confirmation names how many events would be retried."""
@@ -329,10 +343,21 @@ class TestIamPolicy:
         assert table["Resource"].startswith("arn:aws:dynamodb:ap-south-1:*:table/")
 
     @pytest.mark.parametrize(
-        "args", [["--account", "123"], ["--partition", "mars"], ["--region"]]
+        "args",
+        [
+            ["--account", "123"],
+            ["--partition", "mars"],
+            ["--region"],
+            ["--region", ""],
+            ["--region", "eu west 1"],
+            ["--region", "arn:aws:x"],
+        ],
     )
     def test_bad_arguments(self, app: Celery, args: list[str]) -> None:
-        """A malformed account, unknown partition or missing value exits with 2."""
+        """A malformed account, region, unknown partition or missing value: 2.
+
+        A bad region would otherwise print a policy whose ARNs match nothing.
+        """
         result = invoke(app, "iam-policy", *args)
         assert result.exit_code == EXIT_USAGE
         assert error_line(result).startswith("Error:")

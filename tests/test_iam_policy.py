@@ -21,7 +21,15 @@ from celery import Celery
 from celery.bin.base import CLIContext
 from click.testing import CliRunner
 
-from celery_outbox import Completion, EventExistsError, Outbox, OutboxConfig, iam
+from celery_outbox import (
+    Completion,
+    Event,
+    EventExistsError,
+    Outbox,
+    OutboxConfig,
+    WriteMode,
+    iam,
+)
 from celery_outbox import management as mgmt
 from celery_outbox.cli import outbox as outbox_command
 from celery_outbox.diagnosis import diagnose
@@ -37,6 +45,13 @@ TRANSACT_PARTS = {
     "ConditionCheck": "dynamodb:ConditionCheckItem",
 }
 ARN = "arn:aws:dynamodb:*:*:table/"
+# How IAM authorises each PartiQL statement, by its verb.
+PARTIQL_VERBS = {
+    "SELECT": "dynamodb:PartiQLSelect",
+    "INSERT": "dynamodb:PartiQLInsert",
+    "UPDATE": "dynamodb:PartiQLUpdate",
+    "DELETE": "dynamodb:PartiQLDelete",
+}
 
 
 class Recorder:
@@ -71,9 +86,20 @@ class Recorder:
         elif model.name == "BatchWriteItem":
             for table in body["RequestItems"]:
                 self._add("dynamodb:BatchWriteItem", table, None)
+        elif model.name in ("ExecuteStatement", "BatchExecuteStatement"):
+            statements = body.get("Statements") or [body]
+            for statement in statements:
+                self._add_statement(statement["Statement"])
         else:
             action = f"dynamodb:{model.name}"
             self._add(action, body["TableName"], body.get("IndexName"))
+
+    def _add_statement(self, text: str) -> None:
+        words = text.replace('"', " ").split()
+        verb = words[0].upper()
+        after = {"SELECT": "FROM", "DELETE": "FROM", "INSERT": "INTO"}.get(verb)
+        table = words[1] if after is None else words[words.index(after) + 1]
+        self._add(PARTIQL_VERBS[verb], table, None)
 
     def _add(self, action: str, table: str, index: str | None) -> None:
         if table not in self.tables:
@@ -104,7 +130,11 @@ def granted(document: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def live_through(
-    endpoint: str, completion: Completion, recorder: Recorder, business: str
+    endpoint: str,
+    completion: Completion,
+    recorder: Recorder,
+    business: str,
+    write_mode: WriteMode = WriteMode.ITEM,
 ) -> OutboxConfig:
     """Take one outbox through its whole lifecycle; return its configuration."""
     config = OutboxConfig(
@@ -115,6 +145,7 @@ def live_through(
         base_backoff_ms=1000,
         max_backoff_ms=1000,
         processing_timeout_ms=5000,
+        write_mode=write_mode,
     )
     client = make_client(config)
     recorder.attach(client, config.table_name)
@@ -143,6 +174,7 @@ def live_through(
         tx.put(business, {"pk": uuid.uuid4().hex})
         outbox.emit("order.broken", {"n": 3})
         outbox.emit("order.unhandled", {"n": 4})
+    outbox.publish_each([Event.new("order.created", {"n": 7})])
     outbox.drain()  # completes, fails with a retry left, fails for no handler
     clock.now_ms += 2000
     outbox.drain()  # the broken event's last attempt: now failed
@@ -162,6 +194,7 @@ def live_through(
     app.tasks[mgmt.RETRY_FAILED].delay(type="order.unhandled").get()
     outbox.drain()
     app.tasks[mgmt.PURGE_COMPLETED].delay(older_than_ms=0).get()
+    outbox.writer.flush()
 
     runner = CliRunner()
     obj = CLIContext(app=app, no_color=True, workdir=None)
@@ -197,3 +230,32 @@ def test_policy_grants_exactly_what_the_lifecycle_calls(
         assert recorder.runtime | recorder.setup == granted(
             iam.policy(config, setup=True)
         ), completion
+
+
+def test_policy_grants_what_the_partiql_write_mode_calls(
+    ddb_local_endpoint: str,
+) -> None:
+    """With write_mode "partiql" the policy grants its PartiQL statements too.
+
+    DynamoDB Local only: moto does not run PartiQL statements with conditions.
+    """
+    client = make_client(OutboxConfig(endpoint_url=ddb_local_endpoint))
+    business = f"orders-{uuid.uuid4().hex[:8]}"
+    client.create_table(
+        TableName=business,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+    )
+    try:
+        for completion in Completion:
+            recorder = Recorder()
+            config = live_through(
+                ddb_local_endpoint, completion, recorder, business, WriteMode.PARTIQL
+            )
+            assert recorder.runtime == granted(iam.policy(config)), completion
+            assert recorder.runtime | recorder.setup == granted(
+                iam.policy(config, setup=True)
+            ), completion
+    finally:
+        client.delete_table(TableName=business)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_outbox import Event, Outbox, OutboxConfig, Status
+from celery_outbox import ArgumentError, Event, Outbox, OutboxConfig, Status
 from celery_outbox import management as mgmt
 
 
@@ -126,3 +126,22 @@ def test_purge_completed_deletes_old_completed(outbox: Outbox) -> None:
     assert run(outbox, mgmt.PURGE_COMPLETED, older_than_ms=3_600_000) == {"purged": 0}
     assert run(outbox, mgmt.PURGE_COMPLETED, older_than_ms=0) == {"purged": 1}
     assert outbox.store.status_of(event.id) is None
+
+
+def test_retry_failed_with_an_empty_id_list_retries_nothing(outbox: Outbox) -> None:
+    """An empty list of ids names no event: it must not retry every failed one."""
+    event = Event.new("a.one")
+    fail_events(outbox, event)
+    report = run(outbox, mgmt.RETRY_FAILED, ids=[])
+    assert report == {"retried": [], "missing": [], "not_failed": []}
+    assert outbox.store.status_of(event.id) is Status.FAILED
+
+
+def test_retry_failed_refuses_ids_with_a_type(outbox: Outbox) -> None:
+    """A type does not filter ids (as in the CLI): refused, nothing retried."""
+    one, two = Event.new("a.one"), Event.new("b.two")
+    fail_events(outbox, one, two)
+    with pytest.raises(ArgumentError, match="type"):
+        run(outbox, mgmt.RETRY_FAILED, ids=[one.id], type="b.two")
+    assert outbox.store.status_of(one.id) is Status.FAILED
+    assert outbox.store.status_of(two.id) is Status.FAILED

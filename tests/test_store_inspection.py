@@ -210,6 +210,20 @@ def test_purge_completed(store_factory: Any) -> None:
     assert store.purge_completed(older_than_ms=0) == 2
 
 
+def test_purge_older_than_any_event_purges_nothing(store_factory: Any) -> None:
+    """An age beyond the epoch (even past DynamoDB's 38 digits) purges nothing.
+
+    It is a valid whole number: the answer is none, not a DynamoDB error.
+    """
+    store = store_factory(completion=Completion.KEEP)
+    store.publish([Event.new("a.b")])
+    for lease in store.claim().leases:
+        store.complete(lease)
+    assert store.purge_completed(older_than_ms=10**40) == 0
+    assert store.purge_completed(older_than_ms=2**63) == 0
+    assert store.stats().counts["completed"] == 1
+
+
 class TestBatchDelete:
     """Batch deletes resend what DynamoDB leaves unprocessed (Stubber)."""
 
