@@ -28,6 +28,29 @@ from celery_outbox.event import Event, Status
 __all__ = ["Emits"]
 
 
+def lifecycle_room(max_error_chars: int) -> int:
+    """Bytes an item must leave free for what its lifecycle writes after emit.
+
+    A lease (token, start), a start mark (time, delivery), a retry (count,
+    error of up to ``max_error_chars``, 4 bytes a character at most), an
+    operator retry, a kept completion, and longer status and sort key
+    values. An item with less room is one DynamoDB refuses to claim, start
+    or fail: a ValidationError that fails every batch it rides in.
+    """
+    added = {
+        ev.LEASE_TOKEN: 32,
+        ev.STARTED_ON: 8,
+        ev.RUNNING_SINCE: 8,
+        ev.RUNNING_BY: 32,
+        ev.RETRY_COUNT: 4,
+        ev.LAST_ERROR: 4 * max_error_chars,
+        ev.OPERATOR_RETRIES: 4,
+        ev.COMPLETED_ON: 8,
+        ev.EXPIRES_AT: 8,
+    }
+    return sum(len(name) + size for name, size in added.items()) + 64
+
+
 class Emits(DynamoTable):
     """Put events into the outbox table, alone or in a transaction."""
 
@@ -48,8 +71,9 @@ class Emits(DynamoTable):
         item = event.to_item(self.clock())
         item[ev.STATUS] = self.status_value(Status.CREATED, event.id)
         size = ev.item_size(item)
-        if size > ev.ITEM_LIMIT:
-            raise ItemTooLargeError(event.id, size, ev.ITEM_LIMIT)
+        limit = ev.ITEM_LIMIT - lifecycle_room(self.config.max_error_chars)
+        if size > limit:
+            raise ItemTooLargeError(event.id, size, limit)
         return {
             "Put": {
                 "TableName": self.table,

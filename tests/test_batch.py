@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 from store_support import lose_next_reply
 
-from celery_outbox import Event, OutboxConfig, OutboxStore, Outcome, Status
+from celery_outbox import (
+    Event,
+    ItemTooLargeError,
+    OutboxConfig,
+    OutboxStore,
+    Outcome,
+    Status,
+)
 from celery_outbox import event as ev
 from celery_outbox.batch import BatchStore
 from celery_outbox.config import Completion
@@ -508,3 +515,39 @@ def test_a_failure_as_the_flush_takes_its_start_is_no_double_run_warning(
     with caplog.at_level(logging.WARNING, logger="celery_outbox.writeback"):
         writer.flush()
     assert "may run twice" not in caplog.text
+
+
+def _largest_event(store: OutboxStore) -> Event:
+    """The largest event emit accepts."""
+    low, high = 0, ev.ITEM_LIMIT
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            store.put_action(Event.new("order.created", {"p": "x" * mid}))
+        except ItemTooLargeError:
+            high = mid - 1
+        else:
+            low = mid
+    return Event.new("order.created", {"p": "x" * low})
+
+
+def test_the_largest_event_emit_accepts_can_be_claimed_started_and_failed(
+    make: Any,
+) -> None:
+    """Emit leaves room for what the lifecycle writes: a big event is no poison.
+
+    An item DynamoDB takes at its limit refuses the claim's, the start's and
+    the failure's attributes with a per-statement ValidationError, which
+    fails every batch it rides in (the others' claims and write-backs too).
+    """
+    store, batches = make()
+    big = _largest_event(store)
+    store.publish([big])
+    publish(store, 2)
+    claimed = batches.claim()
+    assert len(claimed.leases) == 3
+    lease = next(le for le in claimed.leases if le.event.id == big.id)
+    started, _ = batches.begin(lease)
+    assert started is not None
+    error = "\u00e9" * store.config.max_error_chars
+    assert store.fail(started, error) is Outcome.RETRYING
