@@ -307,22 +307,27 @@ class WriteBuffer:
         """
         failed: BaseException | None = None
         missed: list[Lease] = []
+        again: list[Lease] = []
+        done: list[Lease] = []
         try:
             _, missed, _ = self.batches.write_back(starts, completions)
         except (OutboxError, OSError) as exc:
             failed = exc
+            now = self.batches.store.clock()
         finally:
             with self._cond:
                 settled = self._settled & {lease.token for lease in starts}
                 self._writing.difference_update(lease.token for lease in starts)
                 self._settled -= settled
+                if failed is not None:
+                    # Queued again under the same lock: a discard sees each
+                    # start either in flight (settled) or queued (dropped).
+                    # A start whose failure was written meanwhile is moot.
+                    again = [s for s in starts if s.token not in settled]
+                    again = [s for s in again if s.deadline_ms > now]
+                    done = [c for c in completions if c.deadline_ms > now]
+                    self.put_back(again, done)
         if failed is not None:
-            now = self.batches.store.clock()
-            # a start whose failure was written meanwhile is moot
-            again = [s for s in starts if s.token not in settled]
-            again = [s for s in again if s.deadline_ms > now]
-            done = [c for c in completions if c.deadline_ms > now]
-            self.put_back(again, done)
             logger.warning(
                 "Could not write %d handler starts and %d completions (%s); "
                 "%d are queued again, the others' leases will expire and their "

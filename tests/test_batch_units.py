@@ -222,3 +222,38 @@ def test_a_start_mark_that_lost_to_its_own_failure_is_not_reported(
     with caplog.at_level("WARNING", logger="celery_outbox.writeback"):
         buffer.flush()
     assert "may run twice" in caplog.text
+
+
+class RefusingBatches:
+    """A batch writer DynamoDB refuses; the handler's failure lands as the
+    flusher reads the clock to sort out what to queue again."""
+
+    def __init__(self) -> None:
+        self.buffer: Any = None
+        self.store = self
+        self.failed: list[Any] = []
+
+    def clock(self) -> int:
+        for lease in self.failed:  # HandlerTask._fail, in the handler's thread
+            self.buffer.discard(lease)
+        return 0
+
+    def write_back(self, starts: list[Any], completions: list[Any]) -> Any:
+        self.failed = list(starts)
+        raise StoreError("refused", "InternalServerError")
+
+
+def test_a_refused_start_whose_failure_was_written_meanwhile_is_not_queued_again() -> (
+    None
+):
+    """A discard racing a refused flush settles the start: it is not resent."""
+    from celery_outbox.event import Lease
+    from celery_outbox.writeback import WriteBuffer
+
+    batches = RefusingBatches()
+    buffer = WriteBuffer(batches, 60_000)  # type: ignore[arg-type]
+    batches.buffer = buffer
+    lease = Lease(Event.new("order.created"), "t1", 60_000, 0)
+    buffer.start(lease)
+    buffer.flush()
+    assert buffer.take(25) == ([], [])
