@@ -386,12 +386,14 @@ class BatchStore:
             return [], [], []
         now = self.store.clock() if now is None else now
         deadline = now + self.config.processing_timeout_ms
-        statements = [self._start(lease, now, deadline) for lease in starting]
-        statements += [self._complete(lease) for lease in completing]
+        # Completions first: one naming a start's item (another copy of the
+        # same lease, its own deferred start replaced) must land before it.
+        statements = [self._complete(lease) for lease in completing]
+        statements += [self._start(lease, now, deadline) for lease in starting]
         results = self._execute(statements)
-        started = [result == partiql.OK for result in results[: len(starting)]]
+        started = [result == partiql.OK for result in results[len(completing) :]]
         missed = [lease for lease, ok in zip(starting, started, strict=True) if not ok]
-        outcomes = self._outcomes(completing, results[len(starting) :])
+        outcomes = self._outcomes(completing, results[: len(completing)])
         return started, missed, outcomes
 
     def _start(self, lease: Lease, now: int, deadline: int) -> Statement:

@@ -551,3 +551,25 @@ def test_the_largest_event_emit_accepts_can_be_claimed_started_and_failed(
     assert started is not None
     error = "\u00e9" * store.config.max_error_chars
     assert store.fail(started, error) is Outcome.RETRYING
+
+
+def test_a_copy_started_after_its_buffered_completion_does_not_run(
+    make: Any,
+) -> None:
+    """A completion waiting in the buffer lands before a start it rides with.
+
+    The first delivery's deferred start was replaced by its completion, so
+    the item shows no start mark: a second copy of the message, written at
+    once with the waiting completion, must find the event done, not start
+    it and run the handler again.
+    """
+    store, _ = make(flush_interval_ms=60_000)
+    writer = BatchWriter(store)
+    publish(store, 1)
+    (lease,) = writer.claim().leases
+    first = dataclasses.replace(lease, copy="first")
+    second = dataclasses.replace(lease, copy="second")
+    assert writer.begin(first, defer=True) is first
+    writer.complete(first)  # the handler ran; its completion waits
+    assert writer.begin(second) is None
+    assert store.get_item(lease.event.id) is None
