@@ -218,9 +218,22 @@ class WriteBuffer:
     def __repr__(self) -> str:
         return f"<WriteBuffer pending={len(self._pending)}>"
 
-    def start(self, lease: Lease) -> None:
-        """Queue the mark that ``lease``'s handler started."""
-        self._add(lease, _START)
+    def start(self, lease: Lease) -> bool:
+        """Queue the mark that ``lease``'s handler started.
+
+        False, queueing nothing, when ``lease``'s completion waits: another
+        copy of its message ran the handler, and its start mark (which would
+        have refused this copy) was replaced.
+        """
+        with self._cond:
+            entry = self._pending.get(lease.event.id)
+            if entry is not None and (entry[1], entry[2].token) == (
+                _COMPLETE,
+                lease.token,
+            ):
+                return False
+            self._add(lease, _START)
+            return True
 
     def complete(self, lease: Lease) -> None:
         """Queue ``lease``'s completion, replacing its waiting start."""
@@ -402,8 +415,7 @@ class BatchWriter:
         waits in the buffer.
         """
         if defer:
-            self.buffer.start(lease)
-            return lease
+            return lease if self.buffer.start(lease) else None
         starts, completions = self.buffer.take(BATCH_LIMIT - 1)
         try:
             started, _ = self.batches.begin(

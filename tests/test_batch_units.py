@@ -257,3 +257,34 @@ def test_a_refused_start_whose_failure_was_written_meanwhile_is_not_queued_again
     buffer.start(lease)
     buffer.flush()
     assert buffer.take(25) == ([], [])
+
+
+class RecordingBatches:
+    """A batch writer that writes everything it is given."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[list[Any], list[Any]]] = []
+
+    def write_back(self, starts: list[Any], completions: list[Any]) -> Any:
+        self.written.append((list(starts), list(completions)))
+        return [True] * len(starts), [], []
+
+
+def test_a_deferred_copy_does_not_replace_its_lease_s_waiting_completion() -> None:
+    """A second copy of a completed lease neither runs nor drops the completion."""
+    import dataclasses
+
+    from celery_outbox.event import Lease
+    from celery_outbox.writeback import WriteBuffer
+
+    batches = RecordingBatches()
+    writer = BatchWriter.__new__(BatchWriter)
+    writer.buffer = WriteBuffer(batches, 60_000)  # type: ignore[arg-type]
+    lease = Lease(Event.new("order.created"), "t1", 60_000, 0)
+    first = dataclasses.replace(lease, copy="first")
+    second = dataclasses.replace(lease, copy="second")
+    assert writer.begin(first, defer=True) is first
+    writer.complete(first)
+    assert writer.begin(second, defer=True) is None
+    writer.flush()
+    assert batches.written == [([], [first])]
