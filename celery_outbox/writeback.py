@@ -254,6 +254,9 @@ class WriteBuffer:
             entry = self._pending.get(lease.event.id)
             queued = time.monotonic() if entry is None else entry[0]
             self._pending[lease.event.id] = (queued, kind, lease)
+            if kind == _COMPLETE and lease.token in self._writing:
+                # its start mark, in flight, may now land after it and miss
+                self._settled.add(lease.token)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="outbox-flusher", daemon=True
