@@ -293,3 +293,24 @@ def test_hard_time_limit_fails_the_attempt_once(
     assert stored["retryCount"]["N"] == "1"
     assert stored["lastError"]["S"].startswith("WorkerLost: TimeLimitExceeded")
     assert "Hard time limit" in worker.log_text()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])
+def test_a_warm_shutdown_writes_the_buffered_completions(
+    run_worker: StartWorker, pool: str
+) -> None:
+    """partiql: completions still buffered when the worker stops are written.
+
+    The flush interval outlasts the test: only the shutdown flush
+    (``worker_process_shutdown`` in a prefork child, ``worker_shutdown``
+    otherwise) can write them.
+    """
+    env = {"OUTBOX_IT_WRITE_MODE": "partiql", "OUTBOX_IT_FLUSH_MS": "25000"}
+    worker = run_worker(pool=pool, concurrency=2, extra_env=env)
+    outbox = worker.outbox
+    events = [outbox.emit("it.ok", {"order": f"o-{n}"}) for n in range(3)]
+    wait_for(lambda: len(worker.calls()) >= 3, what="three handler calls")
+    os.kill(worker.proc.pid, signal.SIGTERM)  # a warm shutdown
+    worker.proc.wait(20)
+    for event in events:
+        assert settled(outbox, event.id, Status.COMPLETED), event.id

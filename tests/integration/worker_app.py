@@ -34,6 +34,7 @@ app.conf.update(
     outbox_base_backoff_ms=int(ENV.get("OUTBOX_IT_BACKOFF_MS", "500")),
     outbox_max_retries=int(ENV.get("OUTBOX_IT_MAX_RETRIES", "2")),
     outbox_write_mode=ENV.get("OUTBOX_IT_WRITE_MODE", "item"),
+    outbox_flush_interval_ms=int(ENV.get("OUTBOX_IT_FLUSH_MS", "50")),
 )
 if "OUTBOX_IT_VISIBILITY_S" in ENV:
     visibility_s = int(ENV["OUTBOX_IT_VISIBILITY_S"])
