@@ -127,8 +127,9 @@ class ItemTooLargeError(EventError):
     def __init__(self, event_id: str, size: int, limit: int) -> None:
         super().__init__(
             f"event {event_id!r} is about {size:,} bytes as a DynamoDB item; "
-            f"DynamoDB's limit is 400 KB ({limit:,} bytes). Store large bodies "
-            "elsewhere (S3) and put a reference in the payload."
+            f"the outbox takes at most {limit:,} bytes (DynamoDB's 400 KB item "
+            "limit, less room for what the event's lifecycle writes). Store "
+            "large bodies elsewhere (S3) and put a reference in the payload."
         )
         self._made_with(event_id, size, limit)
         self.event_id = event_id
