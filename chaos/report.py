@@ -278,6 +278,7 @@ def analyse(
     runs = invocations(records)
     reasons: Counter[str] = Counter()
     overlaps = duplicates = 0
+    overlapping: list[tuple[str, Invocation, Invocation]] = []
     handled = set()
     # A drainer whose clock runs ahead sees every lease end that much early.
     for event_id, event_runs in runs.items():
@@ -295,6 +296,8 @@ def analyse(
             run.reason, overlap = _classify(earlier, run, killed, skew_ms, timeout_ms)
             reasons[run.reason] += 1
             overlaps += overlap
+            if overlap:
+                overlapping.append((event_id, earlier, run))
 
     completed_unhandled = sorted(
         i
@@ -333,7 +336,15 @@ def analyse(
     if unexplained:
         problems.append(f"{unexplained} duplicate invocations unexplained")
     if overlaps:
-        problems.append(f"{overlaps} invocations started under a second live lease")
+        # Both runs and the event's story, so that a failure can be read.
+        told = "; ".join(
+            f"{run.reason}: earlier {earlier}, then {run}; "
+            + (_story(event_id, table[event_id], records) if event_id in table else "")
+            for event_id, earlier, run in overlapping[:3]
+        )
+        problems.append(
+            f"{overlaps} invocations started under a second live lease: {told}"
+        )
     if failed_unrun:
         problems.append(
             f"{len(failed_unrun)} events failed without their handler ever "
