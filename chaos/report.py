@@ -123,9 +123,15 @@ def invocations(records: Iterable[dict[str, Any]]) -> dict[str, list[Invocation]
             continue
         # The worker's main process failed the attempt of a child it lost:
         # that ends the lease of the run that wrote nothing back.
+        # A child killed after its handler returned, its completion still
+        # in the buffer, is lost to the main process as well when it dies
+        # before handing Celery the result: the report that changed the
+        # item ends that lease too.
+        ended = rec.get("outcome") != "stale"
         for (token, _), found in by_token.items():
             for run in found:
-                if token == rec.get("token") and run.written is None:
+                unwritten = run.written is None or (ended and run.outcome == "buffered")
+                if token == rec.get("token") and unwritten:
                     run.reported_lost = int(rec["t"])
     for event_runs in runs.values():
         event_runs.sort(key=lambda r: (r.started, r.attempt))

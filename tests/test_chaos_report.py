@@ -144,6 +144,27 @@ class TestDuplicates:
         )
         assert figures["overlapping_leases"] == 1
 
+    def test_a_lost_report_after_a_buffered_completion_ends_its_lease(
+        self,
+    ) -> None:
+        """A child killed between buffering its completion and handing Celery
+        the result is reported lost; that report ends the lease."""
+        lost = {"k": "wb", "what": "lost attempt's failure", "id": "e"}
+        lost |= {"token": "a", "pid": 7, "t": 160}
+        records = [
+            run("e", "a", 1, 100, outcome="buffered"),
+            run("e", "b", 2, 300),
+        ]
+        kill = {"k": "kill", "victim": 1, "t": 150, "pid": 0}
+        figures = self.figures(*records, more=[kill, {**lost, "outcome": "retrying"}])
+        assert figures["duplicates_by_reason"] == {
+            "killed before its buffered write-back": 1
+        }
+        assert figures["overlapping_leases"] == 0
+        # A report DynamoDB refused ended nothing: the rerun overlaps.
+        figures = self.figures(*records, more=[kill, {**lost, "outcome": "stale"}])
+        assert figures["overlapping_leases"] == 1
+
     def test_a_buffered_completion_lost_with_its_process(self) -> None:
         """A killed process's buffered completion explains a rerun, same lease."""
         figures = self.figures(
