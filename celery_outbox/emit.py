@@ -9,6 +9,7 @@ are checked first, so a refused emit writes nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from celery_outbox.event import Event, Status
 __all__ = ["Emits"]
 
 
+@functools.cache  # on every emit's path; one value per max_error_chars
 def lifecycle_room(max_error_chars: int) -> int:
     """Bytes an item must leave free for what its lifecycle writes after emit.
 

@@ -91,10 +91,15 @@ class Stats:
         }
 
 
-def _whole(argument: str, value: Any, minimum: int) -> int:
+def _whole(argument: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(
             argument, f"expected a whole number of at least {minimum}, got {value!r}"
+        )
+    if maximum is not None and value > maximum:
+        raise ArgumentError(
+            argument,
+            f"expected a whole number from {minimum} to {maximum}, got {value}",
         )
     return value
 
@@ -156,11 +161,7 @@ class Inspection(DynamoTable):
         the last one. ``type`` keeps only events of that type. ``limit`` is
         1 to :data:`MAX_PAGE` (1000).
         """
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > MAX_PAGE:
-            raise ArgumentError(
-                "limit", f"expected a whole number from 1 to {MAX_PAGE}, got {limit}"
-            )
-        limit = _whole("limit", limit, 1)
+        limit = _whole("limit", limit, 1, MAX_PAGE)
         if type is not None and (not isinstance(type, str) or not type):
             raise ArgumentError("type", f"expected an event type, got {type!r}")
         last = decode_cursor(cursor)

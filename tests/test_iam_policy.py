@@ -204,8 +204,8 @@ def live_through(
     return config
 
 
-@pytest.fixture
-def business_table(endpoint: str) -> Iterator[str]:
+@contextlib.contextmanager
+def business_table_on(endpoint: str) -> Iterator[str]:
     """A caller's own table, written in the same transaction as events."""
     client = make_client(OutboxConfig(endpoint_url=endpoint))
     name = f"orders-{uuid.uuid4().hex[:8]}"
@@ -215,21 +215,37 @@ def business_table(endpoint: str) -> Iterator[str]:
         AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
         KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
     )
-    yield name
-    client.delete_table(TableName=name)
+    try:
+        yield name
+    finally:
+        client.delete_table(TableName=name)
+
+
+@pytest.fixture
+def business_table(endpoint: str) -> Iterator[str]:
+    """A business table on the current backend."""
+    with business_table_on(endpoint) as name:
+        yield name
+
+
+def assert_policy_grants_the_calls(
+    endpoint: str, business: str, write_mode: WriteMode = WriteMode.ITEM
+) -> None:
+    """In both completion modes the policy grants exactly the calls made."""
+    for completion in Completion:
+        recorder = Recorder()
+        config = live_through(endpoint, completion, recorder, business, write_mode)
+        assert recorder.runtime == granted(iam.policy(config)), completion
+        assert recorder.runtime | recorder.setup == granted(
+            iam.policy(config, setup=True)
+        ), completion
 
 
 def test_policy_grants_exactly_what_the_lifecycle_calls(
     endpoint: str, business_table: str
 ) -> None:
     """In both completion modes the policy grants exactly the calls made."""
-    for completion in Completion:
-        recorder = Recorder()
-        config = live_through(endpoint, completion, recorder, business_table)
-        assert recorder.runtime == granted(iam.policy(config)), completion
-        assert recorder.runtime | recorder.setup == granted(
-            iam.policy(config, setup=True)
-        ), completion
+    assert_policy_grants_the_calls(endpoint, business_table)
 
 
 def test_policy_grants_what_the_partiql_write_mode_calls(
@@ -239,23 +255,5 @@ def test_policy_grants_what_the_partiql_write_mode_calls(
 
     DynamoDB Local only: moto does not run PartiQL statements with conditions.
     """
-    client = make_client(OutboxConfig(endpoint_url=ddb_local_endpoint))
-    business = f"orders-{uuid.uuid4().hex[:8]}"
-    client.create_table(
-        TableName=business,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-    )
-    try:
-        for completion in Completion:
-            recorder = Recorder()
-            config = live_through(
-                ddb_local_endpoint, completion, recorder, business, WriteMode.PARTIQL
-            )
-            assert recorder.runtime == granted(iam.policy(config)), completion
-            assert recorder.runtime | recorder.setup == granted(
-                iam.policy(config, setup=True)
-            ), completion
-    finally:
-        client.delete_table(TableName=business)
+    with business_table_on(ddb_local_endpoint) as business:
+        assert_policy_grants_the_calls(ddb_local_endpoint, business, WriteMode.PARTIQL)
